@@ -1,0 +1,191 @@
+//! The `herald` command line: one subcommand per role or operator task, each a thin shell
+//! over the library (config load, telemetry, then the module that does the work).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::schemas::Registration;
+use crate::topology::Topology;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about = "Notification platform: Kafka events to push, SMS and email")]
+pub struct Cli {
+    /// TOML config file (every setting also has a HERALD__SECTION__KEY env override).
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Avro contracts in the schema registry.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+    /// Kafka topics declared in topology/topics.toml.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// The CQL store.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
+    /// db migrate + topology apply + schemas register, in that order.
+    Setup,
+    /// Checks that Kafka, the CQL store and the registry answer; exit 1 if any does not.
+    Check,
+    /// Pushes sample events end to end and prints what came out.
+    Demo {
+        /// How many sample events to push.
+        #[arg(long, default_value_t = 5)]
+        events: usize,
+    },
+    /// Prints the effective configuration (secrets redacted).
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemasAction {
+    /// Registers every topic's value schema (TopicNameStrategy), checking compatibility first.
+    Register,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyAction {
+    /// Creates missing topics and reconciles configs; reports drift it cannot fix.
+    Apply,
+    /// Reports what apply would change; exit 2 if anything differs.
+    Plan,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbAction {
+    /// Creates the keyspace and applies pending cql/ migrations.
+    Migrate,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    crate::telemetry::init(&config.telemetry)?;
+    let topology = Topology::load(config.topology.file.as_deref())?;
+    match cli.command {
+        Command::Schemas { action: SchemasAction::Register } => {
+            register(&config, &topology).await?;
+        }
+        Command::Topology { action } => {
+            let apply = matches!(action, TopologyAction::Apply);
+            let differs = topology_cmd(&config, &topology, apply).await?;
+            if !apply && differs {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Db { action: DbAction::Migrate } => migrate(&config).await?,
+        Command::Setup => {
+            migrate(&config).await?;
+            topology_cmd(&config, &topology, true).await?;
+            register(&config, &topology).await?;
+        }
+        Command::Check => {
+            if !check(&config).await {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
+        Command::Config => println!("{config:#?}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let r = crate::store::migrate::migrate(&config.store)
+        .await
+        .context("db migrate")?;
+    if r.keyspace_created {
+        println!("db: created keyspace {}", config.store.keyspace);
+    }
+    for m in &r.applied {
+        println!("db: applied {m}");
+    }
+    if r.applied.is_empty() {
+        println!("db: up to date ({} migrations already applied)", r.already.len());
+    }
+    Ok(())
+}
+
+/// Returns whether anything differed from the declaration.
+async fn topology_cmd(config: &Config, topology: &Topology, apply: bool) -> anyhow::Result<bool> {
+    let r = crate::topology::reconcile(&config.kafka, topology, apply)
+        .await
+        .context(if apply { "topology apply" } else { "topology plan" })?;
+    let capped = topology.topics.iter().any(|t| t.replication_factor > r.max_replication);
+    if capped {
+        println!(
+            "topology: cluster has {} broker(s); replication factors capped at {}",
+            r.brokers, r.max_replication
+        );
+    }
+    for c in &r.changes {
+        println!("topology: {}{c}", if apply && c.fixable() { "applied " } else { "" });
+    }
+    if r.changes.is_empty() {
+        println!("topology: up to date ({} topics)", topology.topics.len());
+    }
+    let drift = r.drift().count();
+    if drift > 0 {
+        println!("topology: {drift} drift item(s) need an operator (see DRIFT lines)");
+    }
+    Ok(!r.changes.is_empty())
+}
+
+async fn register(config: &Config, topology: &Topology) -> anyhow::Result<()> {
+    let done = crate::schemas::register(&config.registry, topology)
+        .await
+        .context("schemas register")?;
+    for r in done {
+        match r {
+            Registration::Unchanged { subject, id } => println!("schemas: {subject} unchanged (id {id})"),
+            Registration::Registered { subject, id } => println!("schemas: {subject} registered (id {id})"),
+        }
+    }
+    Ok(())
+}
+
+async fn check(config: &Config) -> bool {
+    let (k, s, r) = tokio::join!(
+        crate::kafka::check_reachable(&config.kafka),
+        crate::store::connect(&config.store, None),
+        crate::schemas::ping(&config.registry),
+    );
+    let mut ok = true;
+    match k {
+        Ok(info) => println!("kafka     ok  {} ({} broker(s), {} topics)", config.kafka.bootstrap_servers, info.brokers, info.topics.len()),
+        Err(e) => {
+            ok = false;
+            println!("kafka     DOWN {e}");
+        }
+    }
+    match s {
+        Ok(_) => println!("store     ok  {}", config.store.contact_points.join(",")),
+        Err(e) => {
+            ok = false;
+            println!("store     DOWN {e}");
+        }
+    }
+    match r {
+        Ok(subjects) => println!("registry  ok  {} ({} subjects)", config.registry.url, subjects.len()),
+        Err(e) => {
+            ok = false;
+            println!("registry  DOWN {e}");
+        }
+    }
+    ok
+}

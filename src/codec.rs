@@ -1,0 +1,215 @@
+//! Avro encoding and decoding of herald's records in the Confluent wire format
+//! (magic byte, 4-byte schema id, Avro body), with schemas fetched from the registry.
+//!
+//! Decoding resolves the writer's schema against herald's own reader schema, so older and
+//! newer producers both decode (defaults fill new fields). Errors say whether the record
+//! is poison (never decodable: bad bytes, unknown schema id, missing fields) or the
+//! registry is merely unavailable (retry).
+
+use apache_avro::{from_value, Schema};
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::RegistryConfig;
+use crate::error::Classify;
+use crate::schemas::{self, SchemaError};
+
+/// Errors at the serialisation boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes can never be decoded into this record (dead-letter them).
+    #[error("undecodable record: {0}")]
+    Poison(String),
+    /// The registry could not be asked; the same bytes may decode later.
+    #[error("schema registry unavailable: {0}")]
+    Unavailable(String),
+    /// Encoding our own value failed (a bug or a schema not registered).
+    #[error("cannot encode for topic {topic}: {detail}")]
+    Encode { topic: String, detail: String },
+}
+
+impl Classify for CodecError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, CodecError::Unavailable(_))
+    }
+}
+
+/// Encoder + decoder pair sharing one registry configuration; cheap to share via `Arc`.
+pub struct Codec {
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+}
+
+impl Codec {
+    pub fn new(cfg: &RegistryConfig) -> Result<Codec, SchemaError> {
+        Ok(Codec {
+            encoder: AvroEncoder::new(schemas::sr_settings(cfg)?),
+            decoder: AvroDecoder::new(schemas::sr_settings(cfg)?),
+        })
+    }
+
+    /// Encodes `value` with the latest schema of subject `<topic>-value`.
+    pub async fn encode<T: Serialize>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+        let strategy = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
+        self.encoder
+            .encode_struct(value, &strategy)
+            .await
+            .map_err(|e| {
+                if e.retriable {
+                    CodecError::Unavailable(e.to_string())
+                } else {
+                    CodecError::Encode {
+                        topic: topic.to_string(),
+                        detail: e.to_string(),
+                    }
+                }
+            })
+    }
+
+    /// Decodes Confluent-framed bytes into `T`, resolving against `reader` (herald's schema).
+    pub async fn decode<T: DeserializeOwned>(
+        &self,
+        bytes: Option<&[u8]>,
+        reader: &Schema,
+    ) -> Result<T, CodecError> {
+        let bytes = match bytes {
+            None | Some([]) => return Err(CodecError::Poison("empty payload".into())),
+            Some(b) if b[0] != 0 || b.len() < 5 => {
+                return Err(CodecError::Poison(
+                    "not Confluent-framed Avro (no magic byte 0 + schema id)".into(),
+                ))
+            }
+            Some(b) => b,
+        };
+        let decoded = self.decoder.decode(Some(bytes)).await.map_err(|e| {
+            if e.retriable {
+                CodecError::Unavailable(e.to_string())
+            } else {
+                CodecError::Poison(e.to_string())
+            }
+        })?;
+        let resolved = decoded
+            .value
+            .resolve(reader)
+            .map_err(|e| CodecError::Poison(format!("does not match {}: {e}", name_of(reader))))?;
+        from_value::<T>(&resolved)
+            .map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))))
+    }
+}
+
+fn name_of(s: &Schema) -> String {
+    s.name().map(|n| n.fullname(None)).unwrap_or_else(|| "schema".into())
+}
+
+#[cfg(test)]
+#[allow(deprecated)] // the datum helpers are the shortest way to round-trip in a test
+mod tests {
+    use std::collections::HashMap;
+
+    use apache_avro::{from_avro_datum, to_avro_datum, to_value};
+
+    use crate::model::*;
+    use crate::schemas::schema;
+
+    fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+        record: &str,
+        value: &T,
+    ) {
+        let s = schema(record).unwrap();
+        let v = to_value(value).unwrap().resolve(&s).unwrap();
+        let bytes = to_avro_datum(&s, v).unwrap();
+        let back = from_avro_datum(&s, &mut &bytes[..], None).unwrap();
+        let back: T = apache_avro::from_value(&back).unwrap();
+        assert_eq!(&back, value);
+    }
+
+    #[test]
+    fn model_types_match_their_schemas() {
+        roundtrip(
+            "NotificationRequested",
+            &NotificationRequested {
+                event_id: "e1".into(),
+                occurred_at: 1_700_000_000_123,
+                source: "billing".into(),
+                user_id: "u1".into(),
+                category: "billing".into(),
+                template_id: "bill_due".into(),
+                params: HashMap::from([("amount".into(), "12.30".into())]),
+                channels: Some(vec!["email".into(), "push".into()]),
+                priority: Priority::High,
+                locale: None,
+                expires_at: Some(1_700_000_600_000),
+            },
+        );
+        roundtrip(
+            "ChannelDelivery",
+            &ChannelDelivery {
+                delivery_id: delivery_id("e1", "sms", "+15550001"),
+                event_id: "e1".into(),
+                user_id: "u1".into(),
+                category: "security".into(),
+                template_id: "login_code".into(),
+                channel: "sms".into(),
+                address: "+15550001".into(),
+                device_id: None,
+                locale: "en".into(),
+                priority: Priority::Low,
+                content: RenderedContent {
+                    body: Some("Your code is 123456".into()),
+                    sms_encoding: Some("GSM-7".into()),
+                    sms_segments: Some(1),
+                    ..Default::default()
+                },
+                attempt: 2,
+                not_before: Some(5),
+                deadline: 1_700_000_600_000,
+                created_at: 1_700_000_000_000,
+                last_error: Some("503".into()),
+            },
+        );
+        roundtrip(
+            "DeliveryOutcome",
+            &DeliveryOutcome {
+                outcome_id: "o1".into(),
+                event_id: "e1".into(),
+                delivery_id: None,
+                user_id: Some("u1".into()),
+                category: None,
+                channel: Some("sms".into()),
+                provider: Some("twilio".into()),
+                status: "sent".into(),
+                reason: None,
+                provider_message_id: Some("SM123".into()),
+                attempt: 0,
+                latency_ms: Some(42),
+                occurred_at: 1_700_000_000_000,
+                requested_at: None,
+            },
+        );
+    }
+
+    #[test]
+    fn an_old_writer_without_optional_fields_still_decodes() {
+        // A producer on a schema that lacked `locale` and `expires_at`.
+        let old = apache_avro::Schema::parse_str(
+            r#"{"type":"record","name":"NotificationRequested","namespace":"io.herald.v1","fields":[
+            {"name":"event_id","type":"string"},{"name":"occurred_at","type":"long"},
+            {"name":"source","type":"string"},{"name":"user_id","type":"string"},
+            {"name":"category","type":"string"},{"name":"template_id","type":"string"}]}"#,
+        )
+        .unwrap();
+        let mut rec = apache_avro::types::Record::new(&old).unwrap();
+        for (k, v) in [("event_id", "e"), ("source", "s"), ("user_id", "u"), ("category", "c"), ("template_id", "t")] {
+            rec.put(k, v);
+        }
+        rec.put("occurred_at", 7i64);
+        let bytes = to_avro_datum(&old, rec).unwrap();
+        let reader = schema("NotificationRequested").unwrap();
+        let v = from_avro_datum(&old, &mut &bytes[..], Some(&reader)).unwrap();
+        let n: NotificationRequested = apache_avro::from_value(&v).unwrap();
+        assert_eq!(n.priority, Priority::Normal);
+        assert!(n.params.is_empty() && n.channels.is_none() && n.expires_at.is_none());
+    }
+}

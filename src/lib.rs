@@ -1,0 +1,32 @@
+//! herald: domain events from Kafka to APNs, FCM, SMS and email — never lost, rarely twice.
+//!
+//! Module map (the flow is in README.md):
+//!
+//! - [`config`]: the one typed configuration tree (defaults, TOML file, `HERALD__…` env),
+//!   secrets redacted.
+//! - [`error`]: the retryable-vs-permanent contract ([`error::Classify`]) every boundary
+//!   error enum implements.
+//! - [`model`]: Rust mirrors of the Avro contracts (`NotificationRequested`,
+//!   `ChannelDelivery`, `DeliveryOutcome`).
+//! - [`schemas`]: the `.avsc` contracts built into the binary and their registration in the
+//!   Confluent-compatible registry.
+//! - [`codec`]: Confluent-framed Avro encode/decode against the registry; says what is poison.
+//! - [`topology`]: the declared topics (`topology/topics.toml`) and `apply`/`plan` through
+//!   the Kafka admin API.
+//! - [`kafka`]: client configuration, the idempotent producer, reachability checks.
+//! - [`store`]: the CQL store (Scylla/Cassandra): session, prepared statements, migrations.
+//! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
+//! - [`cli`]: the `herald` command line; each role is a subcommand.
+//! - [`demo`]: the end-to-end demo behind README's first command.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod kafka;
+pub mod model;
+pub mod schemas;
+pub mod store;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,391 @@
+//! The CQL store (ScyllaDB in production, Cassandra locally): one shared session,
+//! statements prepared once, typed rows, and the store's error enum.
+//!
+//! - [`migrate`]: versioned DDL from `cql/`, recorded in `schema_migrations`.
+//! - [`Store`]: prepared statements for every table, shared as `Arc<Store>` by the roles.
+
+pub mod migrate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use scylla::{DeserializeRow, SerializeRow};
+
+use crate::config::StoreConfig;
+use crate::error::Classify;
+
+/// Errors at the CQL boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("CQL store at {nodes} is not reachable within {timeout:?}: {detail}. Is it running (scripts/stack status) and is store.contact_points right?")]
+    Unreachable {
+        nodes: String,
+        timeout: Duration,
+        detail: String,
+    },
+    #[error("CQL {op} failed: {detail}")]
+    Query {
+        op: &'static str,
+        detail: String,
+        retryable: bool,
+    },
+    #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} != {now}); add a new migration instead")]
+    MigrationEdited {
+        version: i32,
+        name: String,
+        applied: String,
+        now: String,
+    },
+    #[error("keyspace '{0}' has no migrations applied; run `herald db migrate`")]
+    NotMigrated(String),
+}
+
+impl Classify for StoreError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Query { retryable, .. } => *retryable,
+            StoreError::MigrationEdited { .. } | StoreError::NotMigrated(_) => false,
+        }
+    }
+}
+
+/// Maps a driver error at `op` into a [`StoreError`]; timeouts and connection trouble are
+/// retryable, everything else (syntax, schema, invalid values) is not.
+pub(crate) fn query_err(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> StoreError {
+    let detail = e.to_string();
+    let d = detail.to_ascii_lowercase();
+    let retryable = ["timeout", "timed out", "unavailable", "connection", "overloaded", "broken pipe", "no connections"]
+        .iter()
+        .any(|w| d.contains(w));
+    StoreError::Query { op, detail, retryable }
+}
+
+/// Opens a session to the contact points, failing fast when nobody answers.
+/// `keyspace`: `USE` it (it must exist).
+pub async fn connect(cfg: &StoreConfig, keyspace: Option<&str>) -> Result<Session, StoreError> {
+    let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+    let profile = ExecutionProfile::builder()
+        .consistency(Consistency::LocalQuorum)
+        .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
+        .build();
+    let mut b = SessionBuilder::new()
+        .known_nodes(&cfg.contact_points)
+        .connection_timeout(timeout)
+        .default_execution_profile_handle(profile.into_handle());
+    if let Some(user) = &cfg.username {
+        b = b.user(user, cfg.password.expose());
+    }
+    if let Some(ks) = keyspace {
+        b = b.use_keyspace(ks, false);
+    }
+    let unreachable = |detail: String| StoreError::Unreachable {
+        nodes: cfg.contact_points.join(","),
+        timeout,
+        detail,
+    };
+    // The driver retries internally; bound the whole attempt so a wrong port fails in seconds.
+    match tokio::time::timeout(timeout + Duration::from_secs(1), b.build()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable("no answer".into())),
+    }
+}
+
+/// A user's contact data.
+#[derive(Debug, Clone, PartialEq, Eq, Default, DeserializeRow, SerializeRow)]
+pub struct User {
+    pub user_id: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub locale: Option<String>,
+    pub timezone: Option<String>,
+}
+
+/// One device of a user.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow, SerializeRow)]
+pub struct Device {
+    pub user_id: String,
+    pub device_id: String,
+    pub platform: String,
+    pub token: String,
+    pub app_id: Option<String>,
+    pub active: bool,
+}
+
+/// One preference row.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow, SerializeRow)]
+pub struct Preference {
+    pub user_id: String,
+    pub channel: String,
+    pub category: String,
+    pub opt_in: bool,
+}
+
+/// Template metadata.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow, SerializeRow)]
+pub struct Template {
+    pub template_id: String,
+    pub category: String,
+    pub current_version: i32,
+    pub default_channels: Vec<String>,
+    pub tracking: bool,
+    pub sample_params: HashMap<String, String>,
+}
+
+/// Template content for one version × channel × locale.
+#[derive(Debug, Clone, PartialEq, Eq, Default, DeserializeRow, SerializeRow)]
+pub struct TemplateContent {
+    pub template_id: String,
+    pub version: i32,
+    pub channel: String,
+    pub locale: String,
+    pub title: Option<String>,
+    pub body: Option<String>,
+    pub subject: Option<String>,
+    pub html: Option<String>,
+    pub text: Option<String>,
+    pub data: Option<HashMap<String, String>>,
+}
+
+/// Who first claimed an event id.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
+pub struct DedupClaim {
+    pub source_topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One row of the notification log.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
+pub struct LogEntry {
+    pub event_id: String,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub outcome_id: String,
+    pub delivery_id: Option<String>,
+    pub user_id: Option<String>,
+    pub category: Option<String>,
+    pub channel: Option<String>,
+    pub provider: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub attempt: Option<i32>,
+}
+
+/// The session plus every statement herald runs, prepared once at start-up.
+pub struct Store {
+    pub session: Arc<Session>,
+    put_user: PreparedStatement,
+    get_user: PreparedStatement,
+    put_device: PreparedStatement,
+    devices_of: PreparedStatement,
+    put_preference: PreparedStatement,
+    preferences_of: PreparedStatement,
+    put_template: PreparedStatement,
+    get_template: PreparedStatement,
+    put_template_content: PreparedStatement,
+    template_contents: PreparedStatement,
+    claim_event: PreparedStatement,
+    get_claim: PreparedStatement,
+    put_log: PreparedStatement,
+    log_of: PreparedStatement,
+}
+
+impl Store {
+    /// Connects to the configured keyspace (which `db migrate` must have created) and
+    /// prepares every statement.
+    pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let session = connect(cfg, Some(&cfg.keyspace)).await.map_err(|e| match e {
+            StoreError::Unreachable { detail, .. } if detail.contains("eyspace") => {
+                StoreError::NotMigrated(cfg.keyspace.clone())
+            }
+            e => e,
+        })?;
+        Store::prepare(Arc::new(session)).await
+    }
+
+    async fn prepare(session: Arc<Session>) -> Result<Store, StoreError> {
+        let p = |q: &'static str| {
+            let session = session.clone();
+            async move {
+                let mut st = session.prepare(q).await.map_err(|e| query_err("prepare", e))?;
+                // Every statement here is an upsert or a read: safe to retry or speculate.
+                st.set_is_idempotent(true);
+                Ok::<_, StoreError>(st)
+            }
+        };
+        Ok(Store {
+            put_user: p("INSERT INTO users (user_id, email, phone, locale, timezone, updated_at) VALUES (?, ?, ?, ?, ?, toTimestamp(now()))").await?,
+            get_user: p("SELECT user_id, email, phone, locale, timezone FROM users WHERE user_id = ?").await?,
+            put_device: p("INSERT INTO devices (user_id, device_id, platform, token, app_id, active, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
+            devices_of: p("SELECT user_id, device_id, platform, token, app_id, active FROM devices WHERE user_id = ?").await?,
+            put_preference: p("INSERT INTO preferences (user_id, channel, category, opt_in, updated_at) VALUES (?, ?, ?, ?, toTimestamp(now()))").await?,
+            preferences_of: p("SELECT user_id, channel, category, opt_in FROM preferences WHERE user_id = ?").await?,
+            put_template: p("INSERT INTO templates (template_id, category, current_version, default_channels, tracking, sample_params, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
+            get_template: p("SELECT template_id, category, current_version, default_channels, tracking, sample_params FROM templates WHERE template_id = ?").await?,
+            put_template_content: p("INSERT INTO template_contents (template_id, version, channel, locale, title, body, subject, html, text, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
+            template_contents: p("SELECT template_id, version, channel, locale, title, body, subject, html, text, data FROM template_contents WHERE template_id = ? AND version = ?").await?,
+            claim_event: {
+                // A lightweight transaction: only the first claimant wins. Not idempotent.
+                let mut st = session
+                    .prepare("INSERT INTO dedup_claims (event_id, source_topic, partition, offset, claimed_at) VALUES (?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?")
+                    .await
+                    .map_err(|e| query_err("prepare", e))?;
+                st.set_is_idempotent(false);
+                st
+            },
+            get_claim: p("SELECT source_topic, partition, offset FROM dedup_claims WHERE event_id = ?").await?,
+            put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
+            log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt FROM notification_log WHERE event_id = ?").await?,
+            session,
+        })
+    }
+
+    pub async fn put_user(&self, u: &User) -> Result<(), StoreError> {
+        self.session.execute_unpaged(&self.put_user, u).await.map_err(|e| query_err("put user", e))?;
+        Ok(())
+    }
+
+    pub async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        let r = self.session.execute_unpaged(&self.get_user, (user_id,)).await.map_err(|e| query_err("get user", e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err("get user", e))?
+            .maybe_first_row::<User>()
+            .map_err(|e| query_err("get user", e))
+    }
+
+    pub async fn put_device(&self, d: &Device) -> Result<(), StoreError> {
+        self.session.execute_unpaged(&self.put_device, d).await.map_err(|e| query_err("put device", e))?;
+        Ok(())
+    }
+
+    /// Every device of a user, active or not.
+    pub async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
+        self.rows(&self.devices_of, (user_id,), "devices of user").await
+    }
+
+    pub async fn put_preference(&self, p: &Preference) -> Result<(), StoreError> {
+        self.session.execute_unpaged(&self.put_preference, p).await.map_err(|e| query_err("put preference", e))?;
+        Ok(())
+    }
+
+    pub async fn preferences(&self, user_id: &str) -> Result<Vec<Preference>, StoreError> {
+        self.rows(&self.preferences_of, (user_id,), "preferences of user").await
+    }
+
+    pub async fn put_template(&self, t: &Template) -> Result<(), StoreError> {
+        self.session.execute_unpaged(&self.put_template, t).await.map_err(|e| query_err("put template", e))?;
+        Ok(())
+    }
+
+    pub async fn template(&self, template_id: &str) -> Result<Option<Template>, StoreError> {
+        let r = self.session.execute_unpaged(&self.get_template, (template_id,)).await.map_err(|e| query_err("get template", e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err("get template", e))?
+            .maybe_first_row::<Template>()
+            .map_err(|e| query_err("get template", e))
+    }
+
+    pub async fn put_template_content(&self, c: &TemplateContent) -> Result<(), StoreError> {
+        self.session.execute_unpaged(&self.put_template_content, c).await.map_err(|e| query_err("put template content", e))?;
+        Ok(())
+    }
+
+    /// All channel × locale contents of one template version.
+    pub async fn template_contents(&self, template_id: &str, version: i32) -> Result<Vec<TemplateContent>, StoreError> {
+        self.rows(&self.template_contents, (template_id, version), "template contents").await
+    }
+
+    /// Claims `event_id` for the record at (topic, partition, offset). Returns the owner:
+    /// the given record if the claim is new, otherwise whoever claimed it first.
+    pub async fn claim_event(
+        &self,
+        event_id: &str,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        ttl: Duration,
+    ) -> Result<DedupClaim, StoreError> {
+        let ttl = ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let r = self
+            .session
+            .execute_unpaged(&self.claim_event, (event_id, topic, partition, offset, ttl))
+            .await
+            .map_err(|e| query_err("claim event", e))?;
+        // An LWT answers with `[applied]` first (then, when not applied, the existing row).
+        let rows = r.into_rows_result().map_err(|e| query_err("claim event", e))?;
+        let applied = rows
+            .rows::<scylla::value::Row>()
+            .map_err(|e| query_err("claim event", e))?
+            .next()
+            .and_then(|row| row.ok())
+            .and_then(|row| row.columns.into_iter().next().flatten())
+            .and_then(|v| v.as_boolean())
+            .ok_or_else(|| query_err("claim event", "LWT answer without [applied]"))?;
+        if applied {
+            return Ok(DedupClaim { source_topic: topic.into(), partition, offset });
+        }
+        self.claim(event_id)
+            .await?
+            .ok_or_else(|| query_err("claim event", "claim expired between write and read"))
+    }
+
+    pub async fn claim(&self, event_id: &str) -> Result<Option<DedupClaim>, StoreError> {
+        let r = self.session.execute_unpaged(&self.get_claim, (event_id,)).await.map_err(|e| query_err("get claim", e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err("get claim", e))?
+            .maybe_first_row::<DedupClaim>()
+            .map_err(|e| query_err("get claim", e))
+    }
+
+    /// Appends an outcome to the notification log.
+    pub async fn log_outcome(&self, o: &crate::model::DeliveryOutcome) -> Result<(), StoreError> {
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(o.occurred_at).unwrap_or_else(chrono::Utc::now);
+        self.session
+            .execute_unpaged(
+                &self.put_log,
+                (
+                    &o.event_id,
+                    at,
+                    &o.outcome_id,
+                    &o.delivery_id,
+                    &o.user_id,
+                    &o.category,
+                    &o.channel,
+                    &o.provider,
+                    &o.status,
+                    &o.reason,
+                    &o.provider_message_id,
+                    o.attempt,
+                ),
+            )
+            .await
+            .map_err(|e| query_err("log outcome", e))?;
+        Ok(())
+    }
+
+    /// Every outcome recorded for an event, oldest first.
+    pub async fn log(&self, event_id: &str) -> Result<Vec<LogEntry>, StoreError> {
+        self.rows(&self.log_of, (event_id,), "notification log").await
+    }
+
+    async fn rows<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+        V: scylla::serialize::row::SerializeRow,
+    {
+        let r = self.session.execute_unpaged(st, values).await.map_err(|e| query_err(op, e))?;
+        let rows = r.into_rows_result().map_err(|e| query_err(op, e))?;
+        rows.rows::<R>()
+            .map_err(|e| query_err(op, e))?
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(|e| query_err(op, e))
+    }
+}

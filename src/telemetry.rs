@@ -1,0 +1,101 @@
+//! Logs and metrics in one place: the tracing subscriber, the Prometheus recorder, and
+//! every metric name herald emits (`herald_<noun>_<verb>_total{channel,provider,outcome}`).
+//!
+//! Call sites use the functions in [`events`]; nothing else names a metric, so the naming
+//! scheme and label sets stay bounded and documented here.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::TelemetryConfig;
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the log subscriber (stderr) and the metrics recorder. Safe to call twice.
+pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_filter))
+        .map_err(|e| anyhow::anyhow!("telemetry.log_filter: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let _ = if cfg.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    if PROMETHEUS.get().is_none() {
+        let mut b = PrometheusBuilder::new();
+        if let Some(listen) = cfg.metrics_listen.as_deref().filter(|s| !s.is_empty()) {
+            let addr: SocketAddr = listen
+                .parse()
+                .map_err(|e| anyhow::anyhow!("telemetry.metrics_listen '{listen}': {e}"))?;
+            b = b.with_http_listener(addr);
+            let (recorder, exporter) = b.build()?;
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                tokio::spawn(exporter);
+                let _ = PROMETHEUS.set(handle);
+            }
+        } else {
+            let recorder = b.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                let _ = PROMETHEUS.set(handle);
+            }
+        }
+        events::describe();
+    }
+    Ok(())
+}
+
+/// The Prometheus text exposition of everything recorded so far (for `/metrics` handlers).
+pub fn render() -> String {
+    PROMETHEUS.get().map(|h| h.render()).unwrap_or_default()
+}
+
+/// Every metric herald emits. One function per event keeps names and labels consistent.
+pub mod events {
+    use metrics::{counter, describe_counter, describe_histogram, histogram};
+
+    pub const OUTCOMES: &str = "herald_outcomes_total";
+    pub const RECORDS_CONSUMED: &str = "herald_records_consumed_total";
+    pub const RECORDS_PRODUCED: &str = "herald_records_produced_total";
+    pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
+    pub const STAGE_SECONDS: &str = "herald_stage_duration_seconds";
+
+    pub(super) fn describe() {
+        describe_counter!(OUTCOMES, "Outcome events emitted, by channel, provider and outcome.");
+        describe_counter!(RECORDS_CONSUMED, "Kafka records consumed, by role and topic.");
+        describe_counter!(RECORDS_PRODUCED, "Kafka records produced and acknowledged, by role and topic.");
+        describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic, by role and reason.");
+        describe_histogram!(STAGE_SECONDS, "Time spent per processing stage.");
+    }
+
+    /// An outcome event was emitted.
+    pub fn outcome(channel: &str, provider: &str, outcome: &str) {
+        counter!(OUTCOMES, "channel" => channel.to_string(), "provider" => provider.to_string(), "outcome" => outcome.to_string()).increment(1);
+    }
+
+    pub fn consumed(role: &'static str, topic: &str, n: u64) {
+        counter!(RECORDS_CONSUMED, "role" => role, "topic" => topic.to_string()).increment(n);
+    }
+
+    pub fn produced(role: &'static str, topic: &str, n: u64) {
+        counter!(RECORDS_PRODUCED, "role" => role, "topic" => topic.to_string()).increment(n);
+    }
+
+    /// A record went to the DLQ: logged at error level (the alert) and counted.
+    pub fn dead_lettered(role: &'static str, reason: &'static str, detail: &str) {
+        tracing::error!(role, reason, detail, "record dead-lettered");
+        counter!(DEAD_LETTERS, "role" => role, "reason" => reason).increment(1);
+    }
+
+    pub fn stage_time(stage: &'static str, seconds: f64) {
+        histogram!(STAGE_SECONDS, "stage" => stage).record(seconds);
+    }
+}
