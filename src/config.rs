@@ -184,7 +184,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
-            log_filter: "info".into(),
+            log_filter: "info,scylla=warn".into(),
             log_format: "text".into(),
             metrics_listen: None,
         }

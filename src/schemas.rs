@@ -111,10 +111,7 @@ pub async fn register(
     topology: &Topology,
 ) -> Result<Vec<Registration>, SchemaError> {
     let sr = sr_settings(cfg)?;
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(cfg.timeout_ms))
-        .build()
-        .map_err(|e| registry_err(cfg, e.to_string(), false))?;
+    let http = http_client(cfg)?;
     let mut wanted: BTreeMap<String, &'static Contract> = BTreeMap::new();
     for t in &topology.topics {
         if let ValueFormat::Avro(record) = &t.value {
@@ -125,28 +122,49 @@ pub async fn register(
     for (subject, c) in wanted {
         // Validate locally first: a broken .avsc is our bug, not the registry's.
         schema(c.record)?;
-        if let Some(id) = lookup(&http, cfg, &subject, c.text).await? {
-            done.push(Registration::Unchanged { subject, id });
-            continue;
-        }
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, c.text.to_string());
-        if subject_exists(&http, cfg, &subject).await? {
-            let ok = is_compatible_schema(&sr, subject.clone(), supplied.clone())
-                .await
-                .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
-            if !ok {
-                return Err(SchemaError::Incompatible { subject });
-            }
-        }
-        let reg = post_schema(&sr, subject.clone(), supplied)
-            .await
-            .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
-        done.push(Registration::Registered {
-            subject,
-            id: reg.id,
-        });
+        done.push(register_subject(&http, &sr, cfg, &subject, c.text).await?);
     }
     Ok(done)
+}
+
+/// Registers `schema_text` under `subject` unless it is already there; refuses a schema that
+/// is incompatible with the subject's registered versions.
+pub async fn register_text(cfg: &RegistryConfig, subject: &str, schema_text: &str) -> Result<Registration, SchemaError> {
+    let sr = sr_settings(cfg)?;
+    let http = http_client(cfg)?;
+    register_subject(&http, &sr, cfg, subject, schema_text).await
+}
+
+async fn register_subject(
+    http: &reqwest::Client,
+    sr: &SrSettings,
+    cfg: &RegistryConfig,
+    subject: &str,
+    schema_text: &str,
+) -> Result<Registration, SchemaError> {
+    if let Some(id) = lookup(http, cfg, subject, schema_text).await? {
+        return Ok(Registration::Unchanged { subject: subject.to_string(), id });
+    }
+    let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_text.to_string());
+    if subject_exists(http, cfg, subject).await? {
+        let ok = is_compatible_schema(sr, subject.to_string(), supplied.clone())
+            .await
+            .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
+        if !ok {
+            return Err(SchemaError::Incompatible { subject: subject.to_string() });
+        }
+    }
+    let reg = post_schema(sr, subject.to_string(), supplied)
+        .await
+        .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
+    Ok(Registration::Registered { subject: subject.to_string(), id: reg.id })
+}
+
+fn http_client(cfg: &RegistryConfig) -> Result<reqwest::Client, SchemaError> {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(cfg.timeout_ms))
+        .build()
+        .map_err(|e| registry_err(cfg, e.to_string(), false))
 }
 
 fn registry_err(cfg: &RegistryConfig, detail: String, retryable: bool) -> SchemaError {
@@ -225,10 +243,7 @@ async fn subject_exists(
 
 /// `GET /subjects`: reachability check used by readiness probes and tests.
 pub async fn ping(cfg: &RegistryConfig) -> Result<Vec<String>, SchemaError> {
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(cfg.timeout_ms))
-        .build()
-        .map_err(|e| registry_err(cfg, e.to_string(), false))?;
+    let http = http_client(cfg)?;
     let resp = authed(cfg, http.get(format!("{}/subjects", cfg.url)))
         .send()
         .await

@@ -371,18 +371,18 @@ pub async fn reconcile(cfg: &KafkaConfig, topology: &Topology, apply: bool) -> R
             }
         }
     }
-    let changes_made = changes;
-    // Topic creation propagates asynchronously; wait until metadata shows every topic.
+    // Creation and config changes propagate asynchronously: wait until the cluster shows them.
     let deadline = std::time::Instant::now() + cfg.request_timeout();
-    loop {
-        let left = plan(cfg, topology, max_rf).await?;
-        if left.iter().all(|c| !c.fixable()) || std::time::Instant::now() > deadline {
-            let _ = left;
-            break;
+    while plan(cfg, topology, max_rf).await?.iter().any(Change::fixable) {
+        if std::time::Instant::now() > deadline {
+            return Err(TopologyError::Create {
+                topic: "(several)".into(),
+                detail: format!("changes not visible after {:?}", cfg.request_timeout()),
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Report { brokers: info.brokers, max_replication: max_rf, changes: changes_made, applied: true })
+    Ok(Report { brokers: info.brokers, max_replication: max_rf, changes, applied: true })
 }
 
 /// What would change: missing topics, config differences, unfixable drift.

@@ -114,6 +114,7 @@ pub struct Device {
     pub user_id: String,
     pub device_id: String,
     pub platform: String,
+    #[scylla(rename = "push_token")]
     pub token: String,
     pub app_id: Option<String>,
     pub active: bool,
@@ -185,6 +186,8 @@ pub struct Store {
     put_user: PreparedStatement,
     get_user: PreparedStatement,
     put_device: PreparedStatement,
+    put_token_owner: PreparedStatement,
+    token_owner: PreparedStatement,
     devices_of: PreparedStatement,
     put_preference: PreparedStatement,
     preferences_of: PreparedStatement,
@@ -224,8 +227,10 @@ impl Store {
         Ok(Store {
             put_user: p("INSERT INTO users (user_id, email, phone, locale, timezone, updated_at) VALUES (?, ?, ?, ?, ?, toTimestamp(now()))").await?,
             get_user: p("SELECT user_id, email, phone, locale, timezone FROM users WHERE user_id = ?").await?,
-            put_device: p("INSERT INTO devices (user_id, device_id, platform, token, app_id, active, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
-            devices_of: p("SELECT user_id, device_id, platform, token, app_id, active FROM devices WHERE user_id = ?").await?,
+            put_device: p("INSERT INTO devices (user_id, device_id, platform, push_token, app_id, active, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
+            put_token_owner: p("INSERT INTO devices_by_token (push_token, user_id, device_id, updated_at) VALUES (?, ?, ?, toTimestamp(now()))").await?,
+            token_owner: p("SELECT user_id, device_id FROM devices_by_token WHERE push_token = ?").await?,
+            devices_of: p("SELECT user_id, device_id, platform, push_token, app_id, active FROM devices WHERE user_id = ?").await?,
             put_preference: p("INSERT INTO preferences (user_id, channel, category, opt_in, updated_at) VALUES (?, ?, ?, ?, toTimestamp(now()))").await?,
             preferences_of: p("SELECT user_id, channel, category, opt_in FROM preferences WHERE user_id = ?").await?,
             put_template: p("INSERT INTO templates (template_id, category, current_version, default_channels, tracking, sample_params, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
@@ -261,9 +266,26 @@ impl Store {
             .map_err(|e| query_err("get user", e))
     }
 
+    /// Writes a device and its token index together (a logged batch: both or neither).
     pub async fn put_device(&self, d: &Device) -> Result<(), StoreError> {
-        self.session.execute_unpaged(&self.put_device, d).await.map_err(|e| query_err("put device", e))?;
+        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Logged);
+        batch.append_statement(self.put_device.clone());
+        batch.append_statement(self.put_token_owner.clone());
+        batch.set_is_idempotent(true);
+        self.session
+            .batch(&batch, (d, (&d.token, &d.user_id, &d.device_id)))
+            .await
+            .map_err(|e| query_err("put device", e))?;
         Ok(())
+    }
+
+    /// Which user and device a push token is registered to.
+    pub async fn token_owner(&self, token: &str) -> Result<Option<(String, String)>, StoreError> {
+        let r = self.session.execute_unpaged(&self.token_owner, (token,)).await.map_err(|e| query_err("token owner", e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err("token owner", e))?
+            .maybe_first_row::<(String, String)>()
+            .map_err(|e| query_err("token owner", e))
     }
 
     /// Every device of a user, active or not.

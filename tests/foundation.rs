@@ -1,0 +1,325 @@
+//! Foundation tests against the real stack (Kafka, Cassandra, Apicurio registry), started by
+//! `scripts/test`: Avro round trip through Kafka, every table through the scylla driver,
+//! idempotent setup commands, and fast, clear errors for bad configuration.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use herald::codec::Codec;
+use herald::model::*;
+use herald::schemas::Registration;
+use herald::store::*;
+use herald::topology::{Change, Topology};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+
+use common::{config, migrated_store_config, unique};
+
+fn sample_request(event_id: &str) -> NotificationRequested {
+    NotificationRequested {
+        event_id: event_id.into(),
+        occurred_at: now_ms(),
+        source: "foundation-test".into(),
+        user_id: "user-42".into(),
+        category: "billing".into(),
+        template_id: "bill_due".into(),
+        params: HashMap::from([("amount".into(), "12.30".into()), ("due".into(), "2026-12-01".into())]),
+        channels: Some(vec!["email".into(), "push".into()]),
+        priority: Priority::High,
+        locale: Some("de-DE".into()),
+        expires_at: Some(now_ms() + 3_600_000),
+    }
+}
+
+/// Topics and subjects exist before the Kafka tests use them (apply/register are idempotent,
+/// so concurrent tests may both run this).
+async fn ensure_topology_and_schemas() -> Topology {
+    let c = config();
+    let t = Topology::builtin();
+    herald::topology::reconcile(&c.kafka, &t, true).await.expect("topology apply");
+    herald::schemas::register(&c.registry, &t).await.expect("schemas register");
+    t
+}
+
+#[tokio::test]
+async fn avro_notification_requested_round_trips_through_kafka() {
+    let t = ensure_topology_and_schemas().await;
+    let c = config();
+    let topic = t.name("requests").unwrap();
+    let codec = Codec::new(&c.registry).unwrap();
+    let sent = sample_request(&unique("evt"));
+    let bytes = codec.encode(topic, &sent).await.expect("encode with schema_registry_converter");
+    assert_eq!(bytes[0], 0, "Confluent magic byte");
+
+    let producer = herald::kafka::producer(&c.kafka, "test").unwrap();
+    let (partition, offset) = producer
+        .send(FutureRecord::to(topic).key(&sent.user_id).payload(&bytes), Duration::from_secs(10))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| e)
+        .expect("produce (acks=all)");
+
+    let consumer: StreamConsumer = herald::kafka::client_config(&c.kafka, "test")
+        .set("group.id", unique("herald-test"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+        .await
+        .expect("record consumed within 20 s")
+        .expect("consume");
+    assert_eq!(msg.key(), Some(sent.user_id.as_bytes()));
+    let reader = herald::schemas::schema("NotificationRequested").unwrap();
+    let got: NotificationRequested = codec.decode(msg.payload(), &reader).await.expect("decode");
+    assert_eq!(got, sent);
+}
+
+#[tokio::test]
+async fn poison_bytes_and_unknown_schema_ids_are_permanent_errors() {
+    use herald::codec::CodecError;
+    use herald::error::Classify;
+    let c = config();
+    let codec = Codec::new(&c.registry).unwrap();
+    let reader = herald::schemas::schema("NotificationRequested").unwrap();
+    let e = codec.decode::<NotificationRequested>(Some(b"{\"json\": true}"), &reader).await.unwrap_err();
+    assert!(matches!(e, CodecError::Poison(_)) && !e.is_retryable(), "{e}");
+    // Magic byte, then a schema id nobody registered.
+    let e = codec
+        .decode::<NotificationRequested>(Some(&[0, 0x7f, 0xff, 0xff, 0xf0, 2, 3]), &reader)
+        .await
+        .unwrap_err();
+    assert!(!e.is_retryable(), "unknown schema id must be poison, got {e}");
+}
+
+#[tokio::test]
+async fn every_table_writes_and_reads_through_the_scylla_driver() {
+    let c = migrated_store_config().await;
+    let store = Store::open(&c.store).await.expect("open store");
+
+    let user = User {
+        user_id: "u1".into(),
+        email: Some("u1@example.com".into()),
+        phone: Some("+4915112345678".into()),
+        locale: Some("de-DE".into()),
+        timezone: Some("Europe/Berlin".into()),
+    };
+    store.put_user(&user).await.unwrap();
+    assert_eq!(store.user("u1").await.unwrap(), Some(user));
+    assert_eq!(store.user("nobody").await.unwrap(), None);
+
+    // One user, many devices.
+    let devices: Vec<Device> = [("ios", "aa11"), ("android", "fcm-1"), ("web", "fcm-web-1")]
+        .iter()
+        .enumerate()
+        .map(|(i, (platform, token))| Device {
+            user_id: "u1".into(),
+            device_id: format!("d{i}"),
+            platform: platform.to_string(),
+            token: token.to_string(),
+            app_id: Some("com.example".into()),
+            active: i != 2,
+        })
+        .collect();
+    for d in &devices {
+        store.put_device(d).await.unwrap();
+    }
+    let mut got = store.devices("u1").await.unwrap();
+    got.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    assert_eq!(got, devices);
+    assert_eq!(store.token_owner("fcm-1").await.unwrap(), Some(("u1".into(), "d1".into())));
+
+    let pref = Preference { user_id: "u1".into(), channel: "sms".into(), category: "marketing".into(), opt_in: false };
+    store.put_preference(&pref).await.unwrap();
+    assert_eq!(store.preferences("u1").await.unwrap(), vec![pref]);
+
+    let tpl = Template {
+        template_id: "bill_due".into(),
+        category: "billing".into(),
+        current_version: 1,
+        default_channels: vec!["email".into(), "push".into()],
+        tracking: true,
+        sample_params: HashMap::from([("amount".into(), "1.00".into())]),
+    };
+    store.put_template(&tpl).await.unwrap();
+    assert_eq!(store.template("bill_due").await.unwrap(), Some(tpl));
+    let content = TemplateContent {
+        template_id: "bill_due".into(),
+        version: 1,
+        channel: "email".into(),
+        locale: "en".into(),
+        subject: Some("Your bill of {{ amount }}".into()),
+        html: Some("<p>Pay {{ amount }}</p>".into()),
+        text: Some("Pay {{ amount }}".into()),
+        ..Default::default()
+    };
+    store.put_template_content(&content).await.unwrap();
+    assert_eq!(store.template_contents("bill_due", 1).await.unwrap(), vec![content]);
+
+    // Dedup claims: the first record owns the id; its redelivery still maps to it.
+    let ttl = Duration::from_secs(3600);
+    let first = store.claim_event("e1", "herald.requests", 3, 100, ttl).await.unwrap();
+    assert_eq!(first, DedupClaim { source_topic: "herald.requests".into(), partition: 3, offset: 100 });
+    let again = store.claim_event("e1", "herald.requests", 3, 100, ttl).await.unwrap();
+    assert_eq!(again, first, "redelivery of the same record finds its own claim");
+    let other = store.claim_event("e1", "herald.requests", 5, 7, ttl).await.unwrap();
+    assert_eq!(other, first, "another record with the same event_id sees the first owner");
+
+    let outcome = DeliveryOutcome {
+        outcome_id: "o1".into(),
+        event_id: "e1".into(),
+        delivery_id: Some("d1".into()),
+        user_id: Some("u1".into()),
+        category: Some("billing".into()),
+        channel: Some("email".into()),
+        provider: Some("sendgrid".into()),
+        status: "sent".into(),
+        reason: None,
+        provider_message_id: Some("msg-1".into()),
+        attempt: 0,
+        latency_ms: Some(12),
+        occurred_at: now_ms(),
+        requested_at: None,
+    };
+    store.log_outcome(&outcome).await.unwrap();
+    let log = store.log("e1").await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].status.as_str(), log[0].provider_message_id.as_deref()), ("sent", Some("msg-1")));
+}
+
+#[tokio::test]
+async fn db_migrate_is_idempotent() {
+    let c = migrated_store_config().await;
+    let again = herald::store::migrate::migrate(&c.store).await.unwrap();
+    assert!(!again.keyspace_created);
+    assert!(again.applied.is_empty(), "second run applied {:?}", again.applied);
+    assert_eq!(again.already.len(), herald::store::migrate::MIGRATIONS.len());
+}
+
+#[tokio::test]
+async fn topology_apply_is_idempotent_and_reports_drift() {
+    let c = config();
+    let t = Topology::builtin();
+    herald::topology::reconcile(&c.kafka, &t, true).await.expect("first apply");
+    let second = herald::topology::reconcile(&c.kafka, &t, true).await.expect("second apply");
+    assert!(second.changes.is_empty(), "second apply changed {:?}", second.changes);
+    assert!(!second.applied);
+
+    // A topic of our own, then drifted by hand: apply restores the config, reports partitions.
+    let name = unique("herald.test.drift");
+    let mut mine = Topology::parse(
+        &format!(
+            "[defaults]\npartitions=2\nreplication_factor=3\nmin_insync_replicas=2\nretention=\"1d\"\ncleanup=\"delete\"\n\
+             [[topic]]\nid=\"t\"\nname=\"{name}\"\nkey=\"k\"\nvalue=\"raw\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    herald::topology::reconcile(&c.kafka, &mine, true).await.unwrap();
+    mine.topics[0].retention_ms = 3_600_000;
+    mine.topics[0].partitions = 3;
+    let plan = herald::topology::reconcile(&c.kafka, &mine, false).await.unwrap();
+    assert!(plan.changes.iter().any(|ch| matches!(ch, Change::Config { key, .. } if key == "retention.ms")), "{:?}", plan.changes);
+    assert!(plan.changes.iter().any(|ch| matches!(ch, Change::Drift { .. })), "{:?}", plan.changes);
+    herald::topology::reconcile(&c.kafka, &mine, true).await.unwrap();
+    let after = herald::topology::reconcile(&c.kafka, &mine, false).await.unwrap();
+    assert!(after.changes.iter().all(|ch| !ch.fixable()), "left after apply: {:?}", after.changes);
+    assert_eq!(after.drift().count(), 1, "partition drift stays reported");
+}
+
+#[tokio::test]
+async fn schemas_register_is_idempotent() {
+    let c = config();
+    let t = Topology::builtin();
+    herald::topology::reconcile(&c.kafka, &t, true).await.unwrap();
+    herald::schemas::register(&c.registry, &t).await.expect("first register");
+    let second = herald::schemas::register(&c.registry, &t).await.expect("second register");
+    assert!(!second.is_empty());
+    for r in &second {
+        assert!(matches!(r, Registration::Unchanged { .. }), "second run changed {r:?}");
+    }
+    // One subject per Avro topic, TopicNameStrategy.
+    let subjects = herald::schemas::ping(&c.registry).await.unwrap();
+    for s in ["herald.requests-value", "herald.delivery.sms-value", "herald.outcomes-value"] {
+        assert!(subjects.iter().any(|x| x == s), "{s} missing from {subjects:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_incompatible_schema_change_is_refused() {
+    // A subject of our own, holding the real NotificationRequested; then a change that
+    // adds a required field without a default must be refused before registering.
+    let c = config();
+    let topic = unique("herald.test.compat");
+    let t = Topology::parse(
+        &format!(
+            "[defaults]\npartitions=1\nreplication_factor=1\nmin_insync_replicas=1\nretention=\"1d\"\ncleanup=\"delete\"\n\
+             [[topic]]\nid=\"t\"\nname=\"{topic}\"\nkey=\"k\"\nvalue=\"avro:NotificationRequested\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    herald::schemas::register(&c.registry, &t).await.unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(herald::schemas::contract("NotificationRequested").unwrap().text).unwrap();
+    v["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "tenant", "type": "string", "doc": "no default"}));
+    let err = herald::schemas::register_text(&c.registry, &format!("{topic}-value"), &v.to_string())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, herald::schemas::SchemaError::Incompatible { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_services_fail_fast_with_a_clear_error() {
+    let mut c = config();
+    c.kafka.bootstrap_servers = "127.0.0.1:1".into();
+    c.store.contact_points = vec!["127.0.0.1:1".into()];
+    c.registry.url = "http://127.0.0.1:1/apis/ccompat/v7".into();
+
+    let started = Instant::now();
+    let e = herald::kafka::check_reachable(&c.kafka).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(15), "kafka took {:?}", started.elapsed());
+    assert!(e.contains("127.0.0.1:1") && e.contains("not reachable"), "{e}");
+
+    let started = Instant::now();
+    let e = herald::store::connect(&c.store, None).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(15), "store took {:?}", started.elapsed());
+    assert!(e.contains("127.0.0.1:1") && e.contains("not reachable"), "{e}");
+
+    let started = Instant::now();
+    let e = herald::schemas::ping(&c.registry).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(15), "registry took {:?}", started.elapsed());
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+}
+
+#[test]
+fn the_binary_reports_a_wrong_kafka_port_within_seconds() {
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["topology", "apply"])
+        .env("HERALD__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
+    assert!(stderr.contains("error: topology apply") && stderr.contains("127.0.0.1:1 is not reachable"), "{stderr}");
+}
+
+#[test]
+fn a_config_typo_is_named_not_ignored() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["config"])
+        .env("HERALD__STORE__CONTACT_POINT", "x:9042")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("contact_point"), "{stderr}");
+}
