@@ -15,6 +15,9 @@
 //!   the Kafka admin API.
 //! - [`kafka`]: client configuration, the idempotent producer, reachability checks.
 //! - [`store`]: the CQL store (Scylla/Cassandra): session, prepared statements, migrations.
+//! - [`render`]: templates compiled once (minijinja, strict params) and rendered per
+//!   channel × locale into `RenderedContent`: SMS encoding/segments, escaped email HTML.
+//! - [`tracking`]: signed open/click tokens for email (rendered here, served by the API).
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
@@ -26,7 +29,9 @@ pub mod demo;
 pub mod error;
 pub mod kafka;
 pub mod model;
+pub mod render;
 pub mod schemas;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
+pub mod tracking;
