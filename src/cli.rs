@@ -42,6 +42,8 @@ pub enum Command {
     Setup,
     /// Checks that Kafka, the CQL store and the registry answer; exit 1 if any does not.
     Check,
+    /// The router role: requests in, per-channel deliveries out (exactly once).
+    Router,
     /// Pushes sample events end to end and prints what came out.
     Demo {
         /// How many sample events to push.
@@ -99,10 +101,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Router => crate::router::run(&config, &topology, shutdown_on_signal()).await?,
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled on SIGINT or SIGTERM: roles finish the batch in hand and commit.
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing the batch in hand");
+        t.cancel();
+    });
+    token
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

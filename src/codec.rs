@@ -68,34 +68,55 @@ impl Codec {
             })
     }
 
+    /// Encodes a generic Avro value with the latest schema of `<topic>-value`.
+    pub async fn encode_value(&self, topic: &str, value: apache_avro::types::Value) -> Result<Vec<u8>, CodecError> {
+        let strategy = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
+        self.encoder.encode_value(value, &strategy).await.map_err(|e| CodecError::Encode {
+            topic: topic.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Decodes Confluent-framed bytes with the writer's schema only (upstream events whose
+    /// shape herald does not own; fields are then read by path).
+    pub async fn decode_value(&self, bytes: Option<&[u8]>) -> Result<apache_avro::types::Value, CodecError> {
+        let bytes = framed(bytes)?;
+        self.decoder.decode(Some(bytes)).await.map(|d| d.value).map_err(decode_err)
+    }
+
     /// Decodes Confluent-framed bytes into `T`, resolving against `reader` (herald's schema).
     pub async fn decode<T: DeserializeOwned>(
         &self,
         bytes: Option<&[u8]>,
         reader: &Schema,
     ) -> Result<T, CodecError> {
-        let bytes = match bytes {
-            None | Some([]) => return Err(CodecError::Poison("empty payload".into())),
-            Some(b) if b[0] != 0 || b.len() < 5 => {
-                return Err(CodecError::Poison(
-                    "not Confluent-framed Avro (no magic byte 0 + schema id)".into(),
-                ))
-            }
-            Some(b) => b,
-        };
-        let decoded = self.decoder.decode(Some(bytes)).await.map_err(|e| {
-            if e.retriable {
-                CodecError::Unavailable(e.to_string())
-            } else {
-                CodecError::Poison(e.to_string())
-            }
-        })?;
+        let bytes = framed(bytes)?;
+        let decoded = self.decoder.decode(Some(bytes)).await.map_err(decode_err)?;
         let resolved = decoded
             .value
             .resolve(reader)
             .map_err(|e| CodecError::Poison(format!("does not match {}: {e}", name_of(reader))))?;
         from_value::<T>(&resolved)
             .map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))))
+    }
+}
+
+/// The bytes, if they look like the Confluent wire format (magic 0 + 4-byte schema id).
+fn framed(bytes: Option<&[u8]>) -> Result<&[u8], CodecError> {
+    match bytes {
+        None | Some([]) => Err(CodecError::Poison("empty payload".into())),
+        Some(b) if b[0] != 0 || b.len() < 5 => {
+            Err(CodecError::Poison("not Confluent-framed Avro (no magic byte 0 + schema id)".into()))
+        }
+        Some(b) => Ok(b),
+    }
+}
+
+fn decode_err(e: schema_registry_converter::error::SRCError) -> CodecError {
+    if e.retriable {
+        CodecError::Unavailable(e.to_string())
+    } else {
+        CodecError::Poison(e.to_string())
     }
 }
 

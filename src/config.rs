@@ -66,6 +66,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub topology: TopologyConfig,
     pub telemetry: TelemetryConfig,
+    pub router: RouterConfig,
 }
 
 /// Kafka connection settings shared by every role.
@@ -85,7 +86,9 @@ pub struct KafkaConfig {
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
     pub sasl_password: Secret,
-    /// Extra librdkafka properties applied to every client (escape hatch).
+    /// Extra librdkafka properties applied to every client (escape hatch). Values may be
+    /// written as numbers or booleans too.
+    #[serde(deserialize_with = "scalar_map")]
     pub extra: BTreeMap<String, String>,
 }
 
@@ -191,6 +194,200 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// Serde helpers for durations written as `"250ms"`, `"10s"`, `"5m"`, `"12h"`, `"7d"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses `"10s"`, `"1m"`, `"12h"`, `"7d"`, `"250ms"`.
+    pub fn parse(s: &str) -> Option<Duration> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let ms = match unit {
+            "ms" => n,
+            "s" => n * 1_000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
+            _ => return None,
+        };
+        Some(Duration::from_millis(ms))
+    }
+
+    /// The shortest exact spelling of `d` (`"90s"`, `"7d"`).
+    pub fn format(d: &Duration) -> String {
+        let ms = d.as_millis() as u64;
+        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+            if ms >= size && ms % size == 0 {
+                return format!("{}{unit}", ms / size);
+            }
+        }
+        format!("{ms}ms")
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a duration like 10s, 5m, 7d")))
+    }
+
+    /// The same for `Option<Duration>`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s = Option::<String>::deserialize(d)?;
+            s.map(|s| super::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a duration like 10s, 5m, 7d"))))
+                .transpose()
+        }
+    }
+}
+
+/// The router role: dedup, enrichment, preferences, throttling, quiet hours, templates.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Stable id of this router replica (pod name in a StatefulSet). It names the Kafka
+    /// transactional id, so a restarted replica fences its dead predecessor at once.
+    pub instance_id: String,
+    /// Records per transaction at most, and how long to wait to fill a batch.
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    /// Users processed concurrently within a batch (one user's events stay sequential).
+    pub concurrency: usize,
+    /// `transaction.timeout.ms`: how long a dead replica's open transaction can block readers.
+    pub transaction_timeout_ms: u64,
+    /// How long dedup claims live.
+    #[serde(with = "duration")]
+    pub dedup_ttl: Duration,
+    /// Bounded in-process cache of users, devices, preferences and templates.
+    pub cache_max_entries: u64,
+    #[serde(with = "duration")]
+    pub cache_ttl: Duration,
+    /// Locale used when neither the request nor the user has one the template offers.
+    pub default_locale: String,
+    /// Quiet hours in the user's time zone, `HH:MM[:SS]`; non-urgent categories wait for `end`.
+    pub quiet_hours_start: String,
+    pub quiet_hours_end: String,
+    /// Time zone for users without one.
+    pub default_timezone: String,
+    /// Where email tracking links point (the API's public base URL) and the signing key.
+    pub tracking_base_url: String,
+    pub tracking_secret: Secret,
+    /// Per-category policy; unknown categories are rejected.
+    pub categories: BTreeMap<String, CategoryConfig>,
+    /// Upstream domain topics turned into notifications without code.
+    pub triggers: Vec<TriggerConfig>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        let cat = |opt_in_default, opt_out_allowed, priority: &str, throttle: Option<(u32, u64)>, quiet: bool, max_age: Option<u64>| CategoryConfig {
+            opt_in_default,
+            opt_out_allowed,
+            priority: priority.to_string(),
+            throttle_limit: throttle.map(|t| t.0),
+            throttle_window: throttle.map(|t| Duration::from_secs(t.1)),
+            quiet_hours: quiet,
+            max_age: max_age.map(Duration::from_secs),
+        };
+        RouterConfig {
+            instance_id: "0".into(),
+            batch_max: 500,
+            batch_wait_ms: 20,
+            concurrency: 64,
+            transaction_timeout_ms: 10_000,
+            dedup_ttl: Duration::from_secs(7 * 86_400),
+            cache_max_entries: 100_000,
+            cache_ttl: Duration::from_secs(300),
+            default_locale: "en".into(),
+            quiet_hours_start: "21:00".into(),
+            quiet_hours_end: "08:00".into(),
+            default_timezone: "UTC".into(),
+            tracking_base_url: "http://127.0.0.1:8080".into(),
+            tracking_secret: Secret::new("dev-tracking-secret-change-me"),
+            categories: BTreeMap::from([
+                // Login codes: always on, urgent, pointless after 10 minutes.
+                ("security".to_string(), cat(true, false, "high", None, false, Some(600))),
+                ("billing".to_string(), cat(true, true, "normal", None, false, Some(7 * 86_400))),
+                ("shipping".to_string(), cat(true, true, "normal", Some((10, 86_400)), true, Some(3 * 86_400))),
+                ("marketing".to_string(), cat(true, true, "low", Some((3, 86_400)), true, Some(86_400))),
+            ]),
+            // The example upstream event in topology/ (orders.shipped).
+            triggers: vec![TriggerConfig {
+                topic: "upstream.orders_shipped".into(),
+                category: "shipping".into(),
+                template: "order_shipped".into(),
+                user_id: "customer.id".into(),
+                event_id: "order_id".into(),
+                params: BTreeMap::from([
+                    ("order_id".to_string(), "order_id".to_string()),
+                    ("carrier".to_string(), "carrier".to_string()),
+                    ("tracking_code".to_string(), "tracking_code".to_string()),
+                ]),
+                channels: Vec::new(),
+            }],
+        }
+    }
+}
+
+/// Policy of one notification category.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryConfig {
+    /// Whether a user with no stored preference gets it.
+    pub opt_in_default: bool,
+    /// `false` for must-deliver messages (security codes): stored opt-outs are ignored.
+    pub opt_out_allowed: bool,
+    /// `low` | `normal` | `high`; a request may ask for more, never less.
+    pub priority: String,
+    /// At most `throttle_limit` per user × channel within `throttle_window`; none = unlimited.
+    #[serde(default)]
+    pub throttle_limit: Option<u32>,
+    #[serde(default, with = "duration::option")]
+    pub throttle_window: Option<Duration>,
+    /// Held during the user's quiet hours.
+    pub quiet_hours: bool,
+    /// Requests older than this (since occurred_at) expire.
+    #[serde(default, with = "duration::option")]
+    pub max_age: Option<Duration>,
+}
+
+/// Maps an upstream domain topic onto a notification.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// Topology id of the upstream topic (its value is Confluent-framed Avro).
+    pub topic: String,
+    pub category: String,
+    pub template: String,
+    /// Dotted field path of the user id in the event, e.g. `customer.id`.
+    pub user_id: String,
+    /// Dotted field path of a unique id; the event id becomes `<topic>:<value>`.
+    pub event_id: String,
+    /// Template parameter name → dotted field path.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Channels to use; empty = the template's defaults.
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -282,8 +479,47 @@ impl Config {
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return bad("telemetry.log_format must be 'text' or 'json'");
         }
+        let r = &self.router;
+        for (name, c) in &r.categories {
+            if !matches!(c.priority.as_str(), "low" | "normal" | "high") {
+                return bad(&format!("router.categories.{name}.priority must be low, normal or high"));
+            }
+            if c.throttle_limit.is_some() != c.throttle_window.is_some() {
+                return bad(&format!("router.categories.{name}: throttle_limit and throttle_window go together"));
+            }
+        }
+        for t in &r.triggers {
+            if !r.categories.contains_key(&t.category) {
+                return bad(&format!("router.triggers ({}): unknown category '{}'", t.topic, t.category));
+            }
+        }
+        for (what, hm) in [("quiet_hours_start", &r.quiet_hours_start), ("quiet_hours_end", &r.quiet_hours_end)] {
+            if crate::router::policy::parse_time(hm).is_none() {
+                return bad(&format!("router.{what} must be HH:MM or HH:MM:SS"));
+            }
+        }
+        if r.default_timezone.parse::<chrono_tz::Tz>().is_err() {
+            return bad("router.default_timezone is not an IANA time zone");
+        }
+        if r.batch_max == 0 || r.concurrency == 0 {
+            return bad("router.batch_max and router.concurrency must be > 0");
+        }
         Ok(())
     }
+}
+
+/// A map of strings that also accepts numbers and booleans as values (librdkafka settings).
+fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            toml::Value::String(s) => Ok((k, s)),
+            toml::Value::Integer(i) => Ok((k, i.to_string())),
+            toml::Value::Float(f) => Ok((k, f.to_string())),
+            toml::Value::Boolean(b) => Ok((k, b.to_string())),
+            other => Err(serde::de::Error::custom(format!("{k}: expected a scalar, got {other}"))),
+        })
+        .collect()
 }
 
 /// Recursively overlays `over` onto `base` (tables merge, everything else replaces).
@@ -332,7 +568,13 @@ fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
             raw.parse()
                 .map_err(|_| format!("'{raw}' is not true/false"))?,
         ),
-        _ => toml::Value::String(raw.to_string()),
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
+        // Unset optional values: take the TOML scalar the text looks like.
+        _ => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .or_else(|_| raw.parse::<bool>().map(toml::Value::Boolean))
+            .unwrap_or_else(|_| toml::Value::String(raw.to_string())),
     };
     table.insert(last.clone(), value);
     Ok(())
@@ -381,6 +623,27 @@ mod tests {
         assert_eq!(c.store.keyspace, "from_file");
         assert_eq!(c.store.contact_points, vec!["a:9042", "b:9042"]);
         assert_eq!(c.kafka.extra.get("linger_ms").map(String::as_str), Some("5"));
+    }
+
+    #[test]
+    fn nested_and_unset_optional_values_can_be_overridden() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("HERALD__ROUTER__CATEGORIES__BILLING__THROTTLE_LIMIT", "5"),
+                ("HERALD__ROUTER__CATEGORIES__BILLING__THROTTLE_WINDOW", "1h"),
+                ("HERALD__ROUTER__INSTANCE_ID", "7"),
+            ]),
+        )
+        .unwrap();
+        let billing = &c.router.categories["billing"];
+        assert_eq!(billing.throttle_limit, Some(5));
+        assert_eq!(billing.throttle_window, Some(Duration::from_secs(3600)));
+        assert_eq!(c.router.instance_id, "7");
+        let e = Config::load_from(None, env(&[("HERALD__ROUTER__CATEGORIES__BILLING__THROTTLE_LIMIT", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("throttle_window"), "{e}");
     }
 
     #[test]

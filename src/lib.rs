@@ -19,6 +19,8 @@
 //!   channel × locale into `RenderedContent`: SMS encoding/segments, escaped email HTML.
 //! - [`tracking`]: signed open/click tokens for email (rendered here, served by the API).
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
+//! - [`router`]: the router role (dedup, enrich, preferences, throttle, quiet hours,
+//!   templates, emit) over [`kafka::eos`], the exactly-once stage loop.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
@@ -30,6 +32,7 @@ pub mod error;
 pub mod kafka;
 pub mod model;
 pub mod render;
+pub mod router;
 pub mod schemas;
 pub mod store;
 pub mod telemetry;

@@ -18,6 +18,8 @@ use crate::topology::{Topology, ValueFormat};
 pub struct Contract {
     /// The record name used in topology/ (`avro:<record>`).
     pub record: &'static str,
+    /// `io.herald.v1` for herald's own contracts; upstream examples keep their owner's.
+    pub namespace: &'static str,
     pub file: &'static str,
     pub text: &'static str,
 }
@@ -26,18 +28,28 @@ pub struct Contract {
 pub const CONTRACTS: &[Contract] = &[
     Contract {
         record: "NotificationRequested",
+        namespace: "io.herald.v1",
         file: "schemas/notification_requested.avsc",
         text: include_str!("../schemas/notification_requested.avsc"),
     },
     Contract {
         record: "ChannelDelivery",
+        namespace: "io.herald.v1",
         file: "schemas/channel_delivery.avsc",
         text: include_str!("../schemas/channel_delivery.avsc"),
     },
     Contract {
         record: "DeliveryOutcome",
+        namespace: "io.herald.v1",
         file: "schemas/delivery_outcome.avsc",
         text: include_str!("../schemas/delivery_outcome.avsc"),
+    },
+    // An upstream service's event, consumed through router.triggers (see topology/).
+    Contract {
+        record: "OrderShipped",
+        namespace: "com.example.shop",
+        file: "schemas/order_shipped.avsc",
+        text: include_str!("../schemas/order_shipped.avsc"),
     },
 ];
 
@@ -266,7 +278,7 @@ mod tests {
         for c in CONTRACTS {
             let s = schema(c.record).unwrap();
             let name = s.name().expect("a named record");
-            assert_eq!(name.fullname(None), format!("io.herald.v1.{}", c.record), "{}", c.file);
+            assert_eq!(name.fullname(None), format!("{}.{}", c.namespace, c.record), "{}", c.file);
         }
     }
 

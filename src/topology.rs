@@ -130,22 +130,7 @@ struct File {
     topic: Vec<FileTopic>,
 }
 
-/// Parses `"10s"`, `"1m"`, `"12h"`, `"7d"` (and `"250ms"`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1_000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
+pub use crate::config::duration::parse as parse_duration;
 
 impl Topology {
     /// The topology compiled into herald.

@@ -1,6 +1,8 @@
 //! Kafka plumbing shared by every role: client configuration, reachability checks,
 //! the idempotent producer and the admin client used by `topology apply`.
 
+pub mod eos;
+
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::AdminClient;

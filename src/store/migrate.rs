@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "002_dedup_log",
         cql: include_str!("../../cql/002_dedup_log.cql"),
     },
+    Migration {
+        version: 3,
+        name: "003_throttle",
+        cql: include_str!("../../cql/003_throttle.cql"),
+    },
 ];
 
 impl Migration {

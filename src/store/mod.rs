@@ -180,6 +180,39 @@ pub struct LogEntry {
     pub attempt: Option<i32>,
 }
 
+type LogValues<'a> = (
+    &'a str,
+    chrono::DateTime<chrono::Utc>,
+    &'a str,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a str,
+    &'a Option<String>,
+    &'a Option<String>,
+    i32,
+);
+
+fn log_values(o: &crate::model::DeliveryOutcome) -> LogValues<'_> {
+    let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(o.occurred_at).unwrap_or_else(chrono::Utc::now);
+    (
+        &o.event_id,
+        at,
+        &o.outcome_id,
+        &o.delivery_id,
+        &o.user_id,
+        &o.category,
+        &o.channel,
+        &o.provider,
+        &o.status,
+        &o.reason,
+        &o.provider_message_id,
+        o.attempt,
+    )
+}
+
 /// The session plus every statement herald runs, prepared once at start-up.
 pub struct Store {
     pub session: Arc<Session>,
@@ -199,6 +232,8 @@ pub struct Store {
     get_claim: PreparedStatement,
     put_log: PreparedStatement,
     log_of: PreparedStatement,
+    throttle_hits: PreparedStatement,
+    put_throttle_hit: PreparedStatement,
 }
 
 impl Store {
@@ -249,6 +284,8 @@ impl Store {
             get_claim: p("SELECT source_topic, partition, offset FROM dedup_claims WHERE event_id = ?").await?,
             put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt FROM notification_log WHERE event_id = ?").await?,
+            throttle_hits: p("SELECT event_id, at FROM throttle_hits WHERE user_id = ? AND channel = ? AND category = ?").await?,
+            put_throttle_hit: p("INSERT INTO throttle_hits (user_id, channel, category, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             session,
         })
     }
@@ -367,27 +404,34 @@ impl Store {
             .map_err(|e| query_err("get claim", e))
     }
 
+    /// Writes outcomes to the notification log: one unlogged batch per event (one partition).
+    pub async fn log_outcomes(&self, outcomes: &[crate::model::DeliveryOutcome]) -> Result<(), StoreError> {
+        let mut by_event: HashMap<&str, Vec<&crate::model::DeliveryOutcome>> = HashMap::new();
+        for o in outcomes {
+            by_event.entry(o.event_id.as_str()).or_default().push(o);
+        }
+        let writes = by_event.into_values().map(|group| async move {
+            if let [one] = group.as_slice() {
+                return self.log_outcome(one).await;
+            }
+            let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+            let mut values = Vec::with_capacity(group.len());
+            for o in group {
+                batch.append_statement(self.put_log.clone());
+                values.push(log_values(o));
+            }
+            batch.set_is_idempotent(true);
+            self.session.batch(&batch, values).await.map_err(|e| query_err("log outcomes", e))?;
+            Ok(())
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
     /// Appends an outcome to the notification log.
     pub async fn log_outcome(&self, o: &crate::model::DeliveryOutcome) -> Result<(), StoreError> {
-        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(o.occurred_at).unwrap_or_else(chrono::Utc::now);
         self.session
-            .execute_unpaged(
-                &self.put_log,
-                (
-                    &o.event_id,
-                    at,
-                    &o.outcome_id,
-                    &o.delivery_id,
-                    &o.user_id,
-                    &o.category,
-                    &o.channel,
-                    &o.provider,
-                    &o.status,
-                    &o.reason,
-                    &o.provider_message_id,
-                    o.attempt,
-                ),
-            )
+            .execute_unpaged(&self.put_log, log_values(o))
             .await
             .map_err(|e| query_err("log outcome", e))?;
         Ok(())
@@ -395,7 +439,40 @@ impl Store {
 
     /// Every outcome recorded for an event, oldest first.
     pub async fn log(&self, event_id: &str) -> Result<Vec<LogEntry>, StoreError> {
-        self.rows(&self.log_of, (event_id,), "notification log").await
+        let mut rows: Vec<LogEntry> = self.rows(&self.log_of, (event_id,), "notification log").await?;
+        rows.sort_by(|a, b| (a.recorded_at, &a.outcome_id).cmp(&(b.recorded_at, &b.outcome_id)));
+        Ok(rows)
+    }
+
+    /// Counts `event_id` against the user × channel × category limit: `true` when it fits
+    /// (and is now recorded), `false` when `limit` others already fall inside `window`.
+    /// Re-asking for the same event gives the same answer (it was already counted).
+    pub async fn throttle_admit(
+        &self,
+        user_id: &str,
+        channel: &str,
+        category: &str,
+        event_id: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = chrono::Utc::now();
+        let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+        let hits: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            self.rows(&self.throttle_hits, (user_id, channel, category), "throttle hits").await?;
+        if hits.iter().any(|(e, _)| e == event_id) {
+            return Ok(true);
+        }
+        let recent = hits.iter().filter(|(_, at)| *at > since).count();
+        if recent >= limit as usize {
+            return Ok(false);
+        }
+        let ttl = window.as_secs().clamp(1, i32::MAX as u64) as i32;
+        self.session
+            .execute_unpaged(&self.put_throttle_hit, (user_id, channel, category, event_id, now, ttl))
+            .await
+            .map_err(|e| query_err("throttle hit", e))?;
+        Ok(true)
     }
 
     async fn rows<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Vec<R>, StoreError>

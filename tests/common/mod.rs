@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod env;
+
 use herald::config::Config;
 
 /// The configuration the tests run against: defaults plus `HERALD__…` overrides, so the

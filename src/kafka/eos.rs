@@ -1,0 +1,345 @@
+//! The exactly-once stage loop: consume a batch, process it, then produce every output and
+//! commit the consumed offsets in one Kafka transaction (read_committed in, transactional out).
+//!
+//! - A batch is always finished (committed or aborted and rewound) before the consumer is
+//!   polled again, so a rebalance never finds processed-but-uncommitted work; records of
+//!   partitions revoked while a batch was being filled are dropped (their new owner reads
+//!   them again from the committed offset).
+//! - A retryable processing error or an abortable transaction error aborts the transaction
+//!   and rewinds the batch's partitions; the batch is processed again after a backoff.
+//!   Side effects outside Kafka must therefore be idempotent (the router's are).
+//! - A processor may *hold* a partition at an offset until a time: the offset is committed
+//!   up to (not including) the held record, the partition is paused and resumed when due.
+//!   The delay topic uses this instead of sleeping a worker.
+//! - The transactional id is stable per replica (`<group>-<instance>`), so a restarted
+//!   replica fences its dead predecessor and aborts its open transaction immediately.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::{client_config, BusError};
+use crate::config::KafkaConfig;
+use crate::telemetry::events;
+
+/// One record to produce inside the batch's transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub topic: String,
+    /// An explicit partition (the delay topic partitions by due hour); `None` = by key.
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Stop a partition at `offset` (not processed, not committed) until `until_ms` (epoch ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub until_ms: i64,
+}
+
+/// What processing a batch produced.
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    pub outputs: Vec<Output>,
+    pub holds: Vec<Hold>,
+}
+
+/// Why a batch could not be processed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Try the same batch again later (a dependency is unavailable).
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// The stage cannot go on (misconfiguration, a bug); the process should exit.
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+/// A stage's per-batch logic.
+pub trait Processor: Send + Sync {
+    fn process(&self, batch: &[OwnedMessage]) -> impl Future<Output = Result<BatchResult, StageError>> + Send;
+}
+
+/// How a stage consumes and commits.
+#[derive(Debug, Clone)]
+pub struct StageSettings {
+    /// Metric label and client id suffix, e.g. `router`.
+    pub role: &'static str,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Stable per replica; see the module docs.
+    pub transactional_id: String,
+    pub batch_max: usize,
+    pub batch_wait: Duration,
+    pub transaction_timeout: Duration,
+}
+
+/// Remembers partitions revoked while a batch fills, and whether assignments changed.
+#[derive(Default)]
+struct Revocations {
+    revoked: HashSet<(String, i32)>,
+    rebalanced: bool,
+}
+
+struct StageContext {
+    state: Arc<Mutex<Revocations>>,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut s = self.state.lock().unwrap();
+        s.rebalanced = true;
+        if let Rebalance::Revoke(tpl) = rebalance {
+            for e in tpl.elements() {
+                s.revoked.insert((e.topic().to_string(), e.partition()));
+            }
+            tracing::info!(partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// Runs the stage until `shutdown` is cancelled (finishing the batch in hand) or a fatal error.
+pub async fn run<P: Processor>(
+    cfg: &KafkaConfig,
+    settings: &StageSettings,
+    processor: &P,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let state = Arc::new(Mutex::new(Revocations::default()));
+    let consumer: StreamConsumer<StageContext> = client_config(cfg, settings.role)
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(StageContext { state: state.clone() })
+        .map_err(|e| BusError::Config(e.to_string()))?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| BusError::Op { op: "subscribe", source })?;
+    let producer: FutureProducer = client_config(cfg, settings.role)
+        .set("transactional.id", &settings.transactional_id)
+        .set("transaction.timeout.ms", settings.transaction_timeout.as_millis().to_string())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))?;
+    let timeout = cfg.request_timeout().max(settings.transaction_timeout);
+    blocking(|| producer.init_transactions(timeout)).map_err(|source| BusError::Op { op: "init transactions", source })?;
+    tracing::info!(group = %settings.group_id, topics = ?settings.topics, txid = %settings.transactional_id, "stage started");
+
+    let mut paused: HashMap<(String, i32), i64> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        resume_due(&consumer, &mut paused);
+        let Some(batch) = collect(&consumer, settings, &shutdown, &state, &mut paused).await? else {
+            continue;
+        };
+        let result = match processor.process(&batch).await {
+            Ok(r) => r,
+            Err(StageError::Retryable(why)) => {
+                tracing::warn!(%why, records = batch.len(), ?backoff, "batch failed, rewinding to retry");
+                rewind(&consumer, &batch);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
+        };
+        match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                events::consumed(settings.role, "batch", batch.len() as u64);
+                events::produced(settings.role, "batch", result.outputs.len() as u64);
+                for h in &result.holds {
+                    hold(&consumer, h);
+                    paused.insert((h.topic.clone(), h.partition), h.until_ms);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "transaction failed; aborting and rewinding");
+                if let Err(abort) = blocking(|| producer.abort_transaction(timeout)) {
+                    return Err(BusError::Op { op: "abort transaction", source: abort });
+                }
+                if matches!(&e, KafkaError::Transaction(t) if t.is_fatal()) {
+                    return Err(BusError::Op { op: "commit transaction", source: e });
+                }
+                rewind(&consumer, &batch);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    tracing::info!(group = %settings.group_id, "stage stopped");
+    Ok(())
+}
+
+/// Waits for a first record (or shutdown), then fills the batch for at most `batch_wait`.
+/// Drops records of partitions revoked meanwhile and of partitions we hold paused.
+async fn collect(
+    consumer: &StreamConsumer<StageContext>,
+    settings: &StageSettings,
+    shutdown: &CancellationToken,
+    state: &Mutex<Revocations>,
+    paused: &mut HashMap<(String, i32), i64>,
+) -> Result<Option<Vec<OwnedMessage>>, BusError> {
+    state.lock().unwrap().revoked.clear();
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        m = consumer.recv() => m,
+        _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(None),
+    };
+    let mut batch = vec![first.map_err(|source| BusError::Op { op: "consume", source })?.detach()];
+    let deadline = tokio::time::Instant::now() + settings.batch_wait;
+    while batch.len() < settings.batch_max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(source)) => return Err(BusError::Op { op: "consume", source }),
+            Err(_) => break,
+        }
+    }
+    let mut s = state.lock().unwrap();
+    if std::mem::take(&mut s.rebalanced) {
+        // A new assignment starts unpaused from the committed offsets.
+        paused.clear();
+    }
+    batch.retain(|m| {
+        let tp = (m.topic().to_string(), m.partition());
+        !s.revoked.contains(&tp) && !paused.contains_key(&tp)
+    });
+    Ok(if batch.is_empty() { None } else { Some(batch) })
+}
+
+/// Produces the outputs and commits the offsets, all in one transaction.
+async fn commit_batch(
+    consumer: &StreamConsumer<StageContext>,
+    producer: &FutureProducer,
+    batch: &[OwnedMessage],
+    result: &BatchResult,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    producer.begin_transaction()?;
+    for o in &result.outputs {
+        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
+        for (k, v) in &o.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(&o.topic).headers(headers);
+        if let Some(k) = &o.key {
+            record = record.key(k);
+        }
+        if let Some(p) = &o.payload {
+            record = record.payload(p);
+        }
+        if let Some(p) = o.partition {
+            record = record.partition(p);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(_delivery) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    let offsets = next_offsets(batch, &result.holds)?;
+    let metadata = consumer
+        .group_metadata()
+        .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
+    blocking(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout))?;
+    blocking(|| producer.commit_transaction(timeout))
+}
+
+/// Per partition in the batch: the offset to commit (after the last record, or the held one).
+fn next_offsets(batch: &[OwnedMessage], holds: &[Hold]) -> Result<TopicPartitionList, KafkaError> {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in batch {
+        let e = next.entry((m.topic(), m.partition())).or_insert(m.offset() + 1);
+        *e = (*e).max(m.offset() + 1);
+    }
+    for h in holds {
+        next.insert((h.topic.as_str(), h.partition), h.offset);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in next {
+        tpl.add_partition_offset(t, p, Offset::Offset(o))?;
+    }
+    Ok(tpl)
+}
+
+/// Seeks every partition of the batch back to its first record.
+fn rewind(consumer: &StreamConsumer<StageContext>, batch: &[OwnedMessage]) {
+    let mut first: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in batch {
+        let e = first.entry((m.topic(), m.partition())).or_insert(m.offset());
+        *e = (*e).min(m.offset());
+    }
+    for ((t, p), o) in first {
+        if let Err(e) = consumer.seek(t, p, Offset::Offset(o), Duration::from_secs(5)) {
+            // Not ours any more (revoked): the new owner starts from the committed offset.
+            tracing::debug!(topic = t, partition = p, error = %e, "rewind skipped");
+        }
+    }
+}
+
+fn hold(consumer: &StreamConsumer<StageContext>, h: &Hold) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&h.topic, h.partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(topic = %h.topic, partition = h.partition, error = %e, "pause failed");
+    }
+    if let Err(e) = consumer.seek(&h.topic, h.partition, Offset::Offset(h.offset), Duration::from_secs(5)) {
+        tracing::debug!(topic = %h.topic, partition = h.partition, error = %e, "seek for hold skipped");
+    }
+    tracing::debug!(topic = %h.topic, partition = h.partition, offset = h.offset, until_ms = h.until_ms, "partition held");
+}
+
+fn resume_due(consumer: &StreamConsumer<StageContext>, paused: &mut HashMap<(String, i32), i64>) {
+    let now = crate::model::now_ms();
+    paused.retain(|(t, p), until| {
+        if *until > now {
+            return true;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(t, *p);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::warn!(topic = %t, partition = p, error = %e, "resume failed");
+        }
+        false
+    });
+}
+
+/// Runs a blocking librdkafka transaction call without stalling the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}

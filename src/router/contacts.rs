@@ -1,0 +1,159 @@
+//! The router's bounded read-through cache of users, devices, preferences and templates,
+//! invalidated by following the compacted changes topic (`user:<id>`, `template:<id>`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{self, BusError};
+use crate::render::CompiledTemplate;
+use crate::store::{Device, Store, StoreError, Template, User};
+
+/// A user with every device (active or not).
+#[derive(Debug, Clone)]
+pub struct Contact {
+    pub user: User,
+    pub devices: Vec<Device>,
+}
+
+/// A template's metadata and its compiled live version.
+pub struct LoadedTemplate {
+    pub meta: Template,
+    pub compiled: Result<CompiledTemplate, String>,
+}
+
+/// Opt-in choices of one user, by (channel, category).
+pub type Prefs = HashMap<(String, String), bool>;
+
+/// Read-through caches in front of the store; `None` entries (unknown user or template) are
+/// cached too, until invalidated or expired.
+pub struct Contacts {
+    store: Arc<Store>,
+    users: Cache<String, Arc<Option<Contact>>>,
+    prefs: Cache<String, Arc<Prefs>>,
+    templates: Cache<String, Arc<Option<LoadedTemplate>>>,
+}
+
+impl Contacts {
+    pub fn new(store: Arc<Store>, max_entries: u64, ttl: Duration) -> Contacts {
+        Contacts { store, users: cache(max_entries, ttl), prefs: cache(max_entries, ttl), templates: cache(max_entries, ttl) }
+    }
+
+    pub async fn contact(&self, user_id: &str) -> Result<Arc<Option<Contact>>, StoreError> {
+        let store = &self.store;
+        self.users
+            .try_get_with(user_id.to_string(), async {
+                let Some(user) = store.user(user_id).await? else { return Ok(Arc::new(None)) };
+                let devices = store.devices(user_id).await?;
+                Ok(Arc::new(Some(Contact { user, devices })))
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    pub async fn prefs(&self, user_id: &str) -> Result<Arc<Prefs>, StoreError> {
+        let store = &self.store;
+        self.prefs
+            .try_get_with(user_id.to_string(), async {
+                let rows = store.preferences(user_id).await?;
+                Ok(Arc::new(rows.into_iter().map(|p| ((p.channel, p.category), p.opt_in)).collect()))
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    pub async fn template(&self, template_id: &str) -> Result<Arc<Option<LoadedTemplate>>, StoreError> {
+        let store = &self.store;
+        self.templates
+            .try_get_with(template_id.to_string(), async {
+                let Some(meta) = store.template(template_id).await? else { return Ok(Arc::new(None)) };
+                let contents = store.template_contents(template_id, meta.current_version).await?;
+                let compiled = CompiledTemplate::compile(&meta, &contents).map_err(|e| e.to_string());
+                Ok(Arc::new(Some(LoadedTemplate { meta, compiled })))
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// Applies one change-topic key.
+    pub async fn invalidate(&self, key: &str) {
+        match key.split_once(':') {
+            Some(("user" | "devices" | "preferences", id)) => {
+                self.users.invalidate(id).await;
+                self.prefs.invalidate(id).await;
+            }
+            Some(("template", id)) => self.templates.invalidate(id).await,
+            _ => tracing::debug!(key, "ignoring unknown change key"),
+        }
+    }
+
+    /// Cached entries across all caches (for the memory benchmark).
+    pub fn entries(&self) -> u64 {
+        self.users.entry_count() + self.prefs.entry_count() + self.templates.entry_count()
+    }
+}
+
+fn cache<V: Clone + Send + Sync + 'static>(max_entries: u64, ttl: Duration) -> Cache<String, V> {
+    Cache::builder().max_capacity(max_entries).time_to_live(ttl).build()
+}
+
+fn unshare(e: Arc<StoreError>) -> StoreError {
+    Arc::try_unwrap(e).unwrap_or_else(|e| StoreError::Query { op: "cache load", detail: e.to_string(), retryable: true })
+}
+
+/// Announces that `kind:id` changed (kinds: user, devices, preferences, template), so every
+/// router drops its cached copy. Waits for Kafka's acknowledgement.
+pub async fn publish_change(producer: &FutureProducer, topic: &str, kind: &str, id: &str) -> Result<(), BusError> {
+    let key = format!("{kind}:{id}");
+    let value = serde_json::json!({ "kind": kind, "id": id, "at": crate::model::now_ms() }).to_string();
+    producer
+        .send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(10))
+        .await
+        .map_err(|(source, _)| BusError::Op { op: "publish change", source })?;
+    Ok(())
+}
+
+/// Follows the changes topic from its end on every partition (each router needs every
+/// change; no consumer group) and invalidates cache entries until `shutdown`.
+pub async fn follow_changes(
+    cfg: &KafkaConfig,
+    topic: &str,
+    contacts: Arc<Contacts>,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let consumer: StreamConsumer = kafka::client_config(cfg, "router-changes")
+        .set("group.id", format!("{}-router-changes-{}", cfg.group_prefix, uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))?;
+    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), cfg.request_timeout()))
+        .map_err(|source| BusError::Op { op: "changes metadata", source })?;
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::End)
+                .map_err(|source| BusError::Op { op: "changes assign", source })?;
+        }
+    }
+    consumer.assign(&tpl).map_err(|source| BusError::Op { op: "changes assign", source })?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    if let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        contacts.invalidate(key).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "changes topic read failed"),
+            }
+        }
+    }
+}

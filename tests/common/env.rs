@@ -1,0 +1,357 @@
+//! An isolated herald environment on the real stack for role tests: its own topic names
+//! (prefixed copies of topology/topics.toml, 2 partitions each), its own keyspace and
+//! consumer groups, a config file, a collector of everything the roles wrote, and role
+//! processes (the real `herald` binary) that tests can start, stop and SIGKILL.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald::codec::Codec;
+use herald::config::Config;
+use herald::model::{ChannelDelivery, DeliveryOutcome, NotificationRequested};
+use herald::store::{Device, Preference, Store, Template, TemplateContent, User};
+use herald::topology::{Topology, ValueFormat};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::unique;
+
+/// One record seen on an output topic.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    Outcome(DeliveryOutcome),
+    Delivery(ChannelDelivery),
+    Dead { key: Option<Vec<u8>>, payload: Option<Vec<u8>>, headers: HashMap<String, String> },
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub topology: Topology,
+    pub store: Arc<Store>,
+    pub codec: Arc<Codec>,
+    pub producer: FutureProducer,
+    pub seen: Arc<Mutex<Vec<(String, Seen)>>>,
+    roles: Mutex<Vec<(String, Child)>>,
+}
+
+impl Env {
+    /// Creates topics, keyspace, subjects, seeds templates, starts the collector.
+    /// `extra_toml` is appended to the generated config file (e.g. `[router]` settings).
+    pub async fn start(extra_toml: &str) -> Env {
+        let id = unique("t");
+        let dir = tempfile::tempdir().unwrap();
+        let topo_text = herald::topology::BUILTIN
+            .replace("name = \"herald.", &format!("name = \"{id}.herald."))
+            .replace("name = \"orders.shipped\"", &format!("name = \"{id}.orders.shipped\""));
+        let topo_text = regex_partitions(&topo_text);
+        let topo_path = dir.path().join("topics.toml");
+        std::fs::write(&topo_path, &topo_text).unwrap();
+        let config_path = dir.path().join("herald.toml");
+        let toml = format!(
+            "[kafka]\ngroup_prefix = \"{id}\"\n[store]\nkeyspace = \"{id}\"\n[topology]\nfile = \"{}\"\n{extra_toml}\n",
+            topo_path.display()
+        );
+        std::fs::write(&config_path, toml).unwrap();
+        let config = Config::load(Some(&config_path)).expect("env config");
+        let topology = Topology::load(Some(&topo_path)).unwrap();
+        herald::store::migrate::migrate(&config.store).await.expect("db migrate (is Cassandra up?)");
+        herald::topology::reconcile(&config.kafka, &topology, true).await.expect("topology apply (is Kafka up?)");
+        herald::schemas::register(&config.registry, &topology).await.expect("schemas register (is the registry up?)");
+        let store = Arc::new(Store::open(&config.store).await.unwrap());
+        seed_templates(&store).await;
+        let codec = Arc::new(Codec::new(&config.registry).unwrap());
+        let producer = herald::kafka::producer(&config.kafka, "test").unwrap();
+        let env = Env {
+            dir,
+            config_path,
+            config,
+            topology,
+            store,
+            codec,
+            producer,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            roles: Mutex::new(Vec::new()),
+        };
+        env.collect().await;
+        env
+    }
+
+    pub fn topic(&self, id: &str) -> String {
+        self.topology.name(id).unwrap().to_string()
+    }
+
+    /// Starts `herald <args>` with this env's config; output goes to a log file in the env dir.
+    pub fn spawn(&self, name: &str, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(args)
+            .env("HERALD_CONFIG", &self.config_path)
+            .env("RUST_LOG", "info,scylla=warn,herald=debug")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.roles.lock().unwrap().push((name.to_string(), child));
+    }
+
+    /// SIGKILL (no goodbye) or SIGTERM (graceful) a role and wait for it to exit.
+    pub fn stop(&self, name: &str, kill: bool) {
+        let mut roles = self.roles.lock().unwrap();
+        let Some(pos) = roles.iter().position(|(n, _)| n == name) else { panic!("no role {name}") };
+        let (_, mut child) = roles.remove(pos);
+        let sig = if kill { "-KILL" } else { "-TERM" };
+        Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{name} did not exit after {sig}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The role's log so far (for assertion messages).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Produces a request (Avro, registry) keyed by user; returns (partition, offset).
+    pub async fn send(&self, req: &NotificationRequested) -> (i32, i64) {
+        let topic = self.topic("requests");
+        let bytes = self.codec.encode(&topic, req).await.unwrap();
+        self.send_raw(&topic, Some(req.user_id.as_bytes()), &bytes).await
+    }
+
+    pub async fn send_raw(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> (i32, i64) {
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        let d = self.producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        (d.partition, d.offset)
+    }
+
+    /// Outcomes recorded for `event_id` so far.
+    pub fn outcomes(&self, event_id: &str) -> Vec<DeliveryOutcome> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Seen::Outcome(o) if o.event_id == event_id => Some(o.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn deliveries(&self, event_id: &str) -> Vec<ChannelDelivery> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Seen::Delivery(d) if d.event_id == event_id => Some(d.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn dead_letters(&self) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, HashMap<String, String>)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Seen::Dead { key, payload, headers } => Some((key.clone(), payload.clone(), headers.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the outcomes of `event_id`, or panics with what was seen.
+    pub async fn wait_outcomes(&self, event_id: &str, within: Duration, pred: impl Fn(&[DeliveryOutcome]) -> bool) -> Vec<DeliveryOutcome> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.outcomes(event_id);
+            if pred(&got) {
+                return got;
+            }
+            if Instant::now() > deadline {
+                let statuses: Vec<_> = got.iter().map(|o| (o.status.clone(), o.channel.clone(), o.reason.clone())).collect();
+                panic!("event {event_id}: condition not met within {within:?}; outcomes so far: {statuses:?}\nrouter log tail:\n{}", tail(&self.log("router"), 30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads every output topic from the start, read_committed, into `seen`.
+    async fn collect(&self) {
+        let consumer: StreamConsumer = herald::kafka::client_config(&self.config.kafka, "collector")
+            .set("group.id", unique("collector"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        let mut kinds = HashMap::new();
+        for t in &self.topology.topics {
+            let kind = match (&t.value, t.id.as_str()) {
+                (_, "outcomes") => "outcome",
+                (_, "dlq") => "dead",
+                (ValueFormat::Avro(r), id) if r == "ChannelDelivery" && id.starts_with("delivery.") => "delivery",
+                _ => continue,
+            };
+            kinds.insert(t.name.clone(), kind);
+            for p in 0..t.partitions {
+                tpl.add_partition_offset(&t.name, p, Offset::Beginning).unwrap();
+            }
+        }
+        consumer.assign(&tpl).unwrap();
+        let (seen, codec) = (self.seen.clone(), self.codec.clone());
+        let outcome_schema = herald::schemas::schema("DeliveryOutcome").unwrap();
+        let delivery_schema = herald::schemas::schema("ChannelDelivery").unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok(m) = consumer.recv().await else { continue };
+                let topic = m.topic().to_string();
+                let item = match kinds.get(&topic).copied() {
+                    Some("outcome") => Seen::Outcome(codec.decode(m.payload(), &outcome_schema).await.expect("outcome decodes")),
+                    Some("delivery") => Seen::Delivery(codec.decode(m.payload(), &delivery_schema).await.expect("delivery decodes")),
+                    _ => Seen::Dead {
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers: m
+                            .headers()
+                            .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                            .unwrap_or_default(),
+                    },
+                };
+                seen.lock().unwrap().push((topic, item));
+            }
+        });
+    }
+
+    /// A user with email, phone and the given devices (platform, token), plus preferences.
+    pub async fn user(&self, id: &str, email: bool, phone: bool, devices: &[(&str, &str)], timezone: Option<&str>) {
+        self.store
+            .put_user(&User {
+                user_id: id.into(),
+                email: email.then(|| format!("{id}@example.com")),
+                phone: phone.then(|| "+4915112345678".into()),
+                locale: Some("de-DE".into()),
+                timezone: timezone.map(str::to_string),
+            })
+            .await
+            .unwrap();
+        for (i, (platform, token)) in devices.iter().enumerate() {
+            self.store
+                .put_device(&Device {
+                    user_id: id.into(),
+                    device_id: format!("{id}-d{i}"),
+                    platform: platform.to_string(),
+                    token: token.to_string(),
+                    app_id: Some("com.example.app".into()),
+                    active: true,
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn opt_out(&self, user: &str, channel: &str, category: &str) {
+        self.store
+            .put_preference(&Preference { user_id: user.into(), channel: channel.into(), category: category.into(), opt_in: false })
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (_, mut child) in self.roles.lock().unwrap().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every topic with 2 partitions (the delay topic keeps 24: it partitions by hour).
+fn regex_partitions(text: &str) -> String {
+    let mut out = String::new();
+    let mut in_delay = false;
+    for line in text.lines() {
+        if line.starts_with("id = ") {
+            in_delay = line.contains("\"delay\"");
+        }
+        if line.starts_with("partitions = ") && !in_delay {
+            out.push_str("partitions = 2\n");
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Templates the tests use: `bill_due` (email + push + sms), `login_code` (sms), `promo`
+/// (email), `order_shipped` (push + email), `broken` (a param the requests never send).
+pub async fn seed_templates(store: &Store) {
+    let t = |id: &str, cat: &str, channels: &[&str]| Template {
+        template_id: id.into(),
+        category: cat.into(),
+        current_version: 1,
+        default_channels: channels.iter().map(|c| c.to_string()).collect(),
+        tracking: id == "bill_due",
+        sample_params: HashMap::new(),
+    };
+    let content = |id: &str, channel: &str, locale: &str, title: Option<&str>, body: Option<&str>, subject: Option<&str>, html: Option<&str>| TemplateContent {
+        template_id: id.into(),
+        version: 1,
+        channel: channel.into(),
+        locale: locale.into(),
+        title: title.map(str::to_string),
+        body: body.map(str::to_string),
+        subject: subject.map(str::to_string),
+        html: html.map(str::to_string),
+        text: html.map(|_| "(see the HTML part)".to_string()),
+        data: None,
+    };
+    for tpl in [
+        t("bill_due", "billing", &["email", "push"]),
+        t("login_code", "security", &["sms"]),
+        t("promo", "promo", &["email"]),
+        t("order_shipped", "shipping", &["push", "email"]),
+        t("broken", "billing", &["email"]),
+    ] {
+        store.put_template(&tpl).await.unwrap();
+    }
+    for c in [
+        content("bill_due", "email", "en", None, None, Some("Your bill: {{ amount }}"), Some("<p>Pay {{ amount }} <a href=\"https://example.com/pay\">now</a></p>")),
+        content("bill_due", "email", "de", None, None, Some("Ihre Rechnung: {{ amount }}"), Some("<p>Bitte {{ amount }} zahlen</p>")),
+        content("bill_due", "push", "en", Some("Bill due"), Some("Pay {{ amount }}"), None, None),
+        content("bill_due", "sms", "en", None, Some("Pay {{ amount }}"), None, None),
+        content("login_code", "sms", "en", None, Some("Your code: {{ code }}"), None, None),
+        content("promo", "email", "en", None, None, Some("Deal {{ n }}"), Some("<p>Offer {{ n }}</p>")),
+        content("order_shipped", "push", "en", Some("Shipped"), Some("Order {{ order_id }} via {{ carrier }}"), None, None),
+        content("order_shipped", "email", "en", None, None, Some("Order {{ order_id }} shipped"), Some("<p>{{ carrier }}: {{ tracking_code }}</p>")),
+        content("broken", "email", "en", None, None, Some("Hi {{ missing_param }}"), Some("<p>x</p>")),
+    ] {
+        store.put_template_content(&c).await.unwrap();
+    }
+}

@@ -1,0 +1,379 @@
+//! Router tests against the real stack: the `herald router` binary in an isolated
+//! environment (own topics, keyspace, groups), fed through Kafka, observed on its output
+//! topics with read_committed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald::model::{now_ms, NotificationRequested, Priority};
+
+use common::env::Env;
+use common::unique;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Categories the tests add to the defaults: `promo` is throttled at 2 per day and never
+/// held for quiet hours; shipping is not held either, so trigger tests do not wait.
+const CATEGORIES: &str = r#"
+[router.categories.promo]
+opt_in_default = true
+opt_out_allowed = true
+priority = "low"
+throttle_limit = 2
+throttle_window = "1d"
+quiet_hours = false
+
+[router.categories.shipping]
+quiet_hours = false
+"#;
+
+fn request(user: &str, category: &str, template: &str, params: &[(&str, &str)]) -> NotificationRequested {
+    NotificationRequested {
+        event_id: unique("evt"),
+        occurred_at: now_ms(),
+        source: "router-test".into(),
+        user_id: user.into(),
+        category: category.into(),
+        template_id: template.into(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        channels: None,
+        priority: Priority::Normal,
+        locale: None,
+        expires_at: None,
+    }
+}
+
+fn statuses(outcomes: &[herald::model::DeliveryOutcome]) -> Vec<(String, Option<String>)> {
+    let mut s: Vec<_> = outcomes.iter().map(|o| (o.status.clone(), o.channel.clone())).collect();
+    s.sort();
+    s
+}
+
+fn has<'a>(status: &'a str, channel: Option<&'a str>) -> impl Fn(&[herald::model::DeliveryOutcome]) -> bool + 'a {
+    move |os| os.iter().any(|o| o.status == status && o.channel.as_deref() == channel)
+}
+
+async fn start_router(extra: &str) -> Env {
+    let env = Env::start(&format!("{CATEGORIES}\n{extra}")).await;
+    env.spawn("router", &["router"]);
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_paths() {
+    let env = Env::start(CATEGORIES).await;
+    let crashed = claimed_before_the_crash(&env).await;
+    env.spawn("router", &["router"]);
+    futures::join!(
+        redelivered_record_is_not_a_duplicate(&env, crashed),
+        routed_with_fan_out_to_every_device(&env),
+        duplicate_event_id_is_not_delivered_twice(&env),
+        unknown_user_no_address_and_opted_out(&env),
+        expired_requests_are_not_routed(&env),
+        template_error_goes_to_the_dlq(&env),
+        poison_bytes_and_unknown_schema_ids_are_dead_lettered(&env),
+        unknown_template_and_category_are_dead_lettered(&env),
+        trigger_mapping_turns_an_upstream_event_into_deliveries(&env),
+        contact_changes_reach_the_cache(&env),
+    );
+}
+
+async fn routed_with_fan_out_to_every_device(env: &Env) {
+    let user = unique("fan");
+    env.user(&user, true, true, &[("ios", "aa11bb22"), ("android", "fcm-tok-1"), ("web", "fcm-web-1")], None).await;
+    let mut req = request(&user, "billing", "bill_due", &[("amount", "12.30 €")]);
+    req.locale = Some("en-GB".into());
+    env.send(&req).await;
+    let outcomes = env.wait_outcomes(&req.event_id, WAIT, |os| os.iter().filter(|o| o.status == "routed").count() == 4).await;
+    assert_eq!(outcomes.len(), 4, "{:?}", statuses(&outcomes));
+    let deliveries = env.deliveries(&req.event_id);
+    let mut channels: Vec<_> = deliveries.iter().map(|d| (d.channel.clone(), d.address.clone())).collect();
+    channels.sort();
+    assert_eq!(
+        channels,
+        vec![
+            ("apns".into(), "aa11bb22".into()),
+            ("email".into(), format!("{user}@example.com")),
+            ("fcm".into(), "fcm-tok-1".into()),
+            ("fcm".into(), "fcm-web-1".into()),
+        ]
+    );
+    let email = deliveries.iter().find(|d| d.channel == "email").unwrap();
+    assert_eq!(email.content.subject.as_deref(), Some("Your bill: 12.30 €"), "en-GB falls back to en, not the user's de");
+    let html = email.content.html.as_deref().unwrap();
+    assert!(html.contains("/t/c/") && !html.contains("href=\"https://example.com/pay\""), "tracked link: {html}");
+    assert!(html.contains("/t/o/"), "open pixel: {html}");
+    let push = deliveries.iter().find(|d| d.channel == "apns").unwrap();
+    assert_eq!(push.content.title.as_deref(), Some("Bill due"));
+    assert!(deliveries.iter().all(|d| d.deadline > now_ms() && d.attempt == 0));
+    // Every outcome is also in the notification log.
+    let log = env.store.log(&req.event_id).await.unwrap();
+    assert_eq!(log.len(), 4, "{log:?}");
+}
+
+async fn duplicate_event_id_is_not_delivered_twice(env: &Env) {
+    let user = unique("dup");
+    env.user(&user, false, true, &[], None).await;
+    let req = request(&user, "security", "login_code", &[("code", "123456")]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("sms"))).await;
+    env.send(&req).await; // a second record with the same event id
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("duplicate", None)).await;
+    assert_eq!(os.iter().filter(|o| o.status == "routed").count(), 1);
+    assert_eq!(env.deliveries(&req.event_id).len(), 1);
+    let sms = &env.deliveries(&req.event_id)[0];
+    assert_eq!(sms.content.body.as_deref(), Some("Your code: 123456"));
+    assert_eq!((sms.content.sms_encoding.as_deref(), sms.content.sms_segments), (Some("GSM-7"), Some(1)));
+    assert_eq!(sms.priority, Priority::High, "security is high priority");
+}
+
+/// A crash after the dedup claim but before the Kafka commit: before the router starts,
+/// a record is produced and claimed exactly as a router that died before committing would
+/// have left it. The claim names the record, so reading it again is not a duplicate.
+async fn claimed_before_the_crash(env: &Env) -> NotificationRequested {
+    let user = unique("redeliver");
+    env.user(&user, true, false, &[], None).await;
+    let req = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    let topic = env.topic("requests");
+    let (p, o) = env.send(&req).await;
+    env.store.claim_event(&req.event_id, &topic, p, o, Duration::from_secs(3600)).await.unwrap();
+    req
+}
+
+async fn redelivered_record_is_not_a_duplicate(env: &Env, req: NotificationRequested) {
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+    assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
+    // ...while a different record carrying the same event id is one.
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("duplicate", None)).await;
+}
+
+async fn unknown_user_no_address_and_opted_out(env: &Env) {
+    let req = request(&unique("ghost"), "billing", "bill_due", &[("amount", "1")]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("unknown_user", None)).await;
+
+    let user = unique("partial");
+    env.user(&user, true, false, &[], None).await; // email only: no devices, no phone
+    env.opt_out(&user, "email", "billing").await;
+    let mut req = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    req.channels = Some(vec!["email".into(), "push".into(), "sms".into()]);
+    env.send(&req).await;
+    let os = env.wait_outcomes(&req.event_id, WAIT, |os: &[herald::model::DeliveryOutcome]| os.len() >= 3).await;
+    assert_eq!(
+        statuses(&os),
+        vec![
+            ("no_address".into(), Some("push".into())),
+            ("no_address".into(), Some("sms".into())),
+            ("opted_out".into(), Some("email".into())),
+        ]
+    );
+    assert!(env.deliveries(&req.event_id).is_empty());
+
+    // Security codes cannot be opted out of.
+    env.opt_out(&user, "email", "security").await;
+    let mut req = request(&user, "security", "login_code", &[("code", "1")]);
+    req.channels = Some(vec!["sms".into()]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("no_address", Some("sms"))).await;
+}
+
+async fn expired_requests_are_not_routed(env: &Env) {
+    let user = unique("late");
+    env.user(&user, false, true, &[], None).await;
+    let mut req = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    req.expires_at = Some(now_ms() - 1);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("expired", None)).await;
+    // A login code older than its category's 10-minute max age.
+    let mut req = request(&user, "security", "login_code", &[("code", "1")]);
+    req.occurred_at = now_ms() - 11 * 60_000;
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("expired", None)).await;
+    assert!(env.deliveries(&req.event_id).is_empty());
+}
+
+async fn template_error_goes_to_the_dlq(env: &Env) {
+    let user = unique("tplerr");
+    env.user(&user, true, false, &[], None).await;
+    let req = request(&user, "billing", "broken", &[]);
+    env.send(&req).await;
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("template_error", None)).await;
+    assert!(os[0].reason.as_deref().unwrap_or("").contains("missing_param"), "{:?}", os[0].reason);
+    wait_dlq(env, |h| h.get("herald-dlq-reason").is_some_and(|r| r.starts_with("template_error") && r.contains("missing_param"))).await;
+    assert!(env.deliveries(&req.event_id).is_empty());
+}
+
+async fn poison_bytes_and_unknown_schema_ids_are_dead_lettered(env: &Env) {
+    let topic = env.topic("requests");
+    let marker = unique("poison");
+    let (p, o) = env.send_raw(&topic, Some(marker.as_bytes()), b"definitely not avro").await;
+    let src = format!("{topic}:{p}:{o}");
+    let os = env.wait_outcomes(&format!("dlq:{src}"), WAIT, has("rejected", None)).await;
+    assert!(os[0].reason.as_deref().unwrap().contains("Confluent"), "{:?}", os[0].reason);
+    wait_dlq(env, |h| h.get("herald-dlq-source") == Some(&src)).await;
+    let dead = env.dead_letters();
+    let (key, payload, _) = dead.iter().find(|(_, _, h)| h.get("herald-dlq-source") == Some(&src)).unwrap();
+    assert_eq!((key.as_deref(), payload.as_deref()), (Some(marker.as_bytes()), Some(&b"definitely not avro"[..])), "original bytes kept");
+
+    let (p, o) = env.send_raw(&topic, Some(b"k"), &[0, 0x7f, 0xff, 0xff, 0xf1, 1, 2, 3]).await;
+    let src = format!("{topic}:{p}:{o}");
+    env.wait_outcomes(&format!("dlq:{src}"), WAIT, has("rejected", None)).await;
+    // The partition kept moving: a good record after the poison is routed.
+    let user = unique("after-poison");
+    env.user(&user, true, false, &[], None).await;
+    let req = request(&user, "billing", "bill_due", &[("amount", "2")]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+}
+
+async fn unknown_template_and_category_are_dead_lettered(env: &Env) {
+    let user = unique("unknowns");
+    env.user(&user, true, false, &[], None).await;
+    let req = request(&user, "billing", "no_such_template", &[]);
+    env.send(&req).await;
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("rejected", None)).await;
+    assert!(os[0].reason.as_deref().unwrap().contains("unknown template"));
+    let req = request(&user, "astrology", "bill_due", &[("amount", "1")]);
+    env.send(&req).await;
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("rejected", None)).await;
+    assert!(os[0].reason.as_deref().unwrap().contains("unknown category"));
+}
+
+async fn trigger_mapping_turns_an_upstream_event_into_deliveries(env: &Env) {
+    let user = unique("shopper");
+    env.user(&user, true, false, &[("ios", "cc33dd44")], None).await;
+    let topic = env.topic("upstream.orders_shipped");
+    let order = unique("order");
+    let event = apache_avro::types::Value::Record(vec![
+        ("order_id".into(), apache_avro::types::Value::String(order.clone())),
+        (
+            "customer".into(),
+            apache_avro::types::Value::Record(vec![
+                ("id".into(), apache_avro::types::Value::String(user.clone())),
+                ("name".into(), apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null))),
+            ]),
+        ),
+        ("carrier".into(), apache_avro::types::Value::String("DHL".into())),
+        ("tracking_code".into(), apache_avro::types::Value::String("JJD0099".into())),
+        ("shipped_at".into(), apache_avro::types::Value::TimestampMillis(now_ms())),
+        ("note".into(), apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null))),
+    ]);
+    let bytes = env.codec.encode_value(&topic, event).await.unwrap();
+    env.send_raw(&topic, Some(order.as_bytes()), &bytes).await;
+    let event_id = format!("{topic}:{order}");
+    env.wait_outcomes(&event_id, WAIT, |os| os.iter().filter(|o| o.status == "routed").count() == 2).await;
+    let ds = env.deliveries(&event_id);
+    let push = ds.iter().find(|d| d.channel == "apns").unwrap();
+    assert_eq!(push.content.body.as_deref(), Some(format!("Order {order} via DHL").as_str()));
+    assert_eq!(push.category, "shipping");
+}
+
+async fn contact_changes_reach_the_cache(env: &Env) {
+    let user = unique("mover");
+    env.user(&user, true, false, &[], None).await;
+    let req = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+    // The user is now cached; they add a phone, and the change is announced.
+    env.user(&user, true, true, &[], None).await;
+    let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
+    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "user", &user).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut req = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    req.channels = Some(vec!["sms".into()]);
+    env.send(&req).await;
+    env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("sms"))).await;
+}
+
+async fn wait_dlq(env: &Env, pred: impl Fn(&HashMap<String, String>) -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !env.dead_letters().iter().any(|(_, _, h)| pred(h)) {
+        assert!(std::time::Instant::now() < deadline, "no matching DLQ record; have {:?}", env.dead_letters().iter().map(|d| &d.2).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Non-urgent categories wait for the end of the user's quiet hours on the delay topic and
+/// are released by a paused partition resuming, not by a sleeping worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_hours_hold_then_release() {
+    let now = chrono::Utc::now();
+    let start = (now - chrono::Duration::hours(1)).format("%H:%M:%S");
+    let end_at = now + chrono::Duration::seconds(45);
+    let end = end_at.format("%H:%M:%S");
+    let env = start_router(&format!("[router]\nquiet_hours_start = \"{start}\"\nquiet_hours_end = \"{end}\"\n")).await;
+    let user = unique("sleeper");
+    env.user(&user, true, false, &[], Some("UTC")).await;
+    let mut req = request(&user, "marketing", "promo", &[("n", "1")]);
+    req.category = "marketing".into();
+    env.send(&req).await;
+    let held = env.wait_outcomes(&req.event_id, WAIT, has("held", None)).await;
+    assert!(env.deliveries(&req.event_id).is_empty(), "nothing delivered while held");
+    assert!(held[0].reason.as_deref().unwrap().contains("quiet hours"));
+    // Urgent categories are not held.
+    let code = request(&user, "billing", "bill_due", &[("amount", "1")]);
+    env.send(&code).await;
+    env.wait_outcomes(&code.event_id, WAIT, has("routed", Some("email"))).await;
+    // Released after the window (the hold is at second precision; allow for the 0.5 s poll).
+    let os = env.wait_outcomes(&req.event_id, Duration::from_secs(120), has("routed", Some("email"))).await;
+    let routed = os.iter().find(|o| o.status == "routed").unwrap();
+    assert!(routed.occurred_at >= end_at.timestamp_millis() - 1_000, "released {} ms before the window ended", end_at.timestamp_millis() - routed.occurred_at);
+    assert_eq!(env.deliveries(&req.event_id).len(), 1);
+}
+
+/// SIGKILL the router in the middle of a stream; after a restart the output topics
+/// (read_committed) hold every expected delivery exactly once. Then throttling state
+/// survives another SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_keeps_outputs_exactly_once_and_throttle_state() {
+    let env = start_router("[router]\nbatch_max = 20\n").await;
+    let users: Vec<String> = (0..20).map(|i| format!("{}-{i}", unique("eos"))).collect();
+    for u in &users {
+        env.user(u, true, false, &[("ios", "ee55ff66")], None).await;
+    }
+    let mut events = Vec::new();
+    for i in 0..400 {
+        let req = request(&users[i % users.len()], "billing", "bill_due", &[("amount", &i.to_string())]);
+        events.push(req.event_id.clone());
+        env.send(&req).await;
+        if i == 150 {
+            // Let it get going, then kill it mid-stream.
+            let first = &events[0];
+            env.wait_outcomes(first, WAIT, |os| os.iter().any(|o| o.status == "routed")).await;
+            env.stop("router", true);
+            env.spawn("router", &["router"]);
+        }
+    }
+    for e in &events {
+        env.wait_outcomes(e, Duration::from_secs(90), |os| os.iter().filter(|o| o.status == "routed").count() >= 2).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show up by now
+    for e in &events {
+        let ds = env.deliveries(e);
+        let mut ids: Vec<_> = ds.iter().map(|d| d.delivery_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((ds.len(), ids.len()), (2, 2), "event {e}: deliveries {:?}", ds.iter().map(|d| &d.channel).collect::<Vec<_>>());
+        let routed = env.outcomes(e).iter().filter(|o| o.status == "routed").count();
+        assert_eq!(routed, 2, "event {e}: routed outcomes");
+        assert!(!env.outcomes(e).iter().any(|o| o.status == "duplicate"), "event {e} called a duplicate after the crash");
+    }
+
+    // promo: 2 per day per user × channel. Two pass, then SIGKILL, then the third is throttled.
+    let user = unique("promo");
+    env.user(&user, true, false, &[], None).await;
+    for n in 0..2 {
+        let req = request(&user, "promo", "promo", &[("n", &n.to_string())]);
+        env.send(&req).await;
+        env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+    }
+    env.stop("router", true);
+    env.spawn("router", &["router"]);
+    let req = request(&user, "promo", "promo", &[("n", "3")]);
+    env.send(&req).await;
+    let os = env.wait_outcomes(&req.event_id, Duration::from_secs(60), has("throttled", Some("email"))).await;
+    assert!(os[0].reason.as_deref().unwrap().contains("2 promo per 1d"), "{:?}", os[0].reason);
+}
