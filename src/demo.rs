@@ -1,155 +1,304 @@
-//! `herald demo`: seeds sample contacts, pushes sample NotificationRequested events through
-//! the real stack and prints what came out at each stage that exists so far.
+//! `herald demo`: seeds sample contacts and templates, runs the roles that exist in-process,
+//! pushes sample events (good ones, a duplicate, an unknown user, poison bytes, a broken
+//! template, an upstream trigger event) through the real stack, and prints what came out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
 use crate::config::Config;
-use crate::model::{now_ms, NotificationRequested, Priority};
-use crate::store::{Device, Preference, Store, User};
+use crate::model::{now_ms, ChannelDelivery, DeliveryOutcome, NotificationRequested, Priority};
+use crate::store::{Device, Preference, Store, Template, TemplateContent, User};
 use crate::topology::Topology;
 
-/// Runs the demo with `events` sample events.
+/// Runs the demo; `events` extra bill reminders are added to the fixed scenario.
 pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow::Result<()> {
-    let store = Store::open(&config.store).await.context("opening the store")?;
+    let store = Store::open(&config.store).await.context("opening the store (did `herald setup` run?)")?;
     seed_contacts(&store).await?;
-    println!("demo: seeded users alice (email, phone, 2 devices) and bob (email only)");
+    seed_templates(&store).await?;
+    println!("demo: seeded users alice (email, phone, iPhone + Android), bob (email, phone; no email marketing) and 5 templates");
 
     let codec = Codec::new(&config.registry)?;
-    let requests = topology.name("requests")?;
     let producer = crate::kafka::producer(&config.kafka, "demo")?;
-    let run_id = uuid::Uuid::now_v7().to_string();
-    let mut sent = Vec::new();
-    for i in 0..events {
-        let (user, category, template, priority) = if i % 2 == 0 {
-            ("alice", "billing", "bill_due", Priority::Normal)
-        } else {
-            ("bob", "security", "login_code", Priority::High)
-        };
-        let ev = NotificationRequested {
-            event_id: format!("demo-{run_id}-{i}"),
-            occurred_at: now_ms(),
-            source: "herald-demo".into(),
-            user_id: user.into(),
-            category: category.into(),
-            template_id: template.into(),
-            params: HashMap::from([("amount".into(), format!("{}.00", 10 + i)), ("code".into(), format!("{:06}", 123456 + i))]),
-            channels: None,
-            priority,
-            locale: None,
-            expires_at: None,
-        };
-        let bytes = codec.encode(requests, &ev).await?;
-        let (partition, offset) = producer
-            .send(FutureRecord::to(requests).key(&ev.user_id).payload(&bytes), Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("producing to {requests}: {e}"))
-            .map(|d| (d.partition, d.offset))?;
-        sent.push((ev.event_id.clone(), partition, offset));
-    }
-    println!("demo: produced {} NotificationRequested events to {requests} (Avro, acks=all)", sent.len());
+    let watch = Watch::start(config, topology).await?;
 
-    // Read the same records back, as the router would, and decode them.
-    let consumer: StreamConsumer = crate::kafka::client_config(&config.kafka, "demo-reader")
-        .set("group.id", format!("herald-demo-{run_id}"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    let mut lowest: HashMap<i32, i64> = HashMap::new();
-    for (_, p, o) in &sent {
-        let e = lowest.entry(*p).or_insert(*o);
-        *e = (*e).min(*o);
-    }
-    for (p, o) in &lowest {
-        tpl.add_partition_offset(requests, *p, Offset::Offset(*o))?;
-    }
-    consumer.assign(&tpl)?;
-    let reader = crate::schemas::schema("NotificationRequested")?;
-    let mut seen = 0;
-    println!("demo: consumed back from {requests}:");
-    while seen < sent.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(15), consumer.recv())
-            .await
-            .context("timed out reading the demo events back")??;
-        let ev: NotificationRequested = codec.decode(msg.payload(), &reader).await?;
-        if !ev.event_id.starts_with(&format!("demo-{run_id}")) {
-            continue;
+    let stop = CancellationToken::new();
+    let router = tokio::spawn({
+        let (config, topology, stop) = (config.clone(), topology.clone(), stop.clone());
+        async move { crate::router::run(&config, &topology, stop).await }
+    });
+    println!("demo: router started in-process (group {})", crate::kafka::group_id(&config.kafka, "router"));
+
+    let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_string();
+    let requests = topology.name("requests")?;
+    let mut scenario: Vec<(String, String)> = Vec::new();
+    let send = |req: NotificationRequested| {
+        let (codec, producer, requests) = (&codec, &producer, requests);
+        async move {
+            let bytes = codec.encode(requests, &req).await?;
+            produce(producer, requests, req.user_id.as_bytes(), &bytes).await?;
+            anyhow::Ok(req.event_id)
         }
-        seen += 1;
-        println!(
-            "  p{}@{:<6} {:<44} user={:<6} {:<9} {:<10} priority={:?}",
-            msg.partition(),
-            msg.offset(),
-            ev.event_id,
-            ev.user_id,
-            ev.category,
-            ev.template_id,
-            ev.priority
-        );
+    };
+    let bill = |i: usize| request(&run_id, &format!("bill-{i}"), "alice", "billing", "bill_due", &[("amount", &format!("{}.90 €", 20 + i))]);
+    for i in 0..events.max(1) {
+        scenario.push((send(bill(i)).await?, format!("bill reminder #{i} for alice")));
     }
-    for (user, _) in [("alice", ()), ("bob", ())] {
-        let u = store.user(user).await?.context("seeded user vanished")?;
-        let devices = store.devices(user).await?;
-        println!(
-            "demo: {user}: email={} phone={} devices={}",
-            u.email.as_deref().unwrap_or("-"),
-            u.phone.as_deref().unwrap_or("-"),
-            devices.iter().filter(|d| d.active).map(|d| d.platform.as_str()).collect::<Vec<_>>().join(",")
-        );
+    scenario.push((send(bill(0)).await?, "the same event id again (duplicate)".into()));
+    let mut code = request(&run_id, "code", "bob", "security", "login_code", &[("code", "481516")]);
+    code.priority = Priority::High;
+    scenario.push((send(code).await?, "login code for bob (security, SMS)".into()));
+    scenario.push((send(request(&run_id, "promo", "bob", "marketing", "promo", &[("n", "20%")])).await?, "promo for bob (opted out of email marketing)".into()));
+    scenario.push((send(request(&run_id, "ghost", "nobody", "billing", "bill_due", &[("amount", "1")])).await?, "bill for an unknown user".into()));
+    scenario.push((send(request(&run_id, "broken", "alice", "billing", "broken", &[])).await?, "template that needs a param nobody sent".into()));
+    let (p, o) = produce(&producer, requests, b"garbage", b"{not avro}").await?;
+    scenario.push((format!("dlq:{requests}:{p}:{o}"), "poison bytes on the requests topic".into()));
+    if let Ok(upstream) = topology.name("upstream.orders_shipped") {
+        let order = format!("order-{run_id}");
+        let value = order_shipped(&order, "alice");
+        let bytes = codec.encode_value(upstream, value).await?;
+        produce(&producer, upstream, order.as_bytes(), &bytes).await?;
+        scenario.push((format!("{upstream}:{order}"), "upstream orders.shipped event (trigger)".into()));
     }
-    println!("demo: the events wait in {requests} for the router role (herald router), not built yet.");
+    println!("demo: produced {} records; waiting for the router's outcomes...\n", scenario.len());
+
+    let ids: Vec<&str> = scenario.iter().map(|(id, _)| id.as_str()).collect();
+    let seen = watch.until_settled(&ids, Duration::from_secs(60)).await;
+    stop.cancel();
+    router.await.context("router task")??;
+
+    for (id, what) in &scenario {
+        println!("▶ {what}\n  event {id}");
+        let outcomes = seen.outcomes.get(id).cloned().unwrap_or_default();
+        if outcomes.is_empty() {
+            println!("    (no outcome yet)");
+        }
+        for o in outcomes {
+            let reason = o.reason.map(|r| format!(" — {}", truncate(&r, 90))).unwrap_or_default();
+            println!("    {:<14} {:<6}{reason}", o.status, o.channel.unwrap_or_default());
+        }
+        for d in seen.deliveries.get(id).into_iter().flatten() {
+            let c = &d.content;
+            let text = c.subject.as_ref().or(c.title.as_ref()).or(c.body.as_ref()).cloned().unwrap_or_default();
+            let sms = c.sms_encoding.as_ref().map(|e| format!(" [{e}, {} segment(s)]", c.sms_segments.unwrap_or(0))).unwrap_or_default();
+            println!("    → {:<5} {:<28} {:?} \"{}\"{sms}", d.channel, truncate(&d.address, 28), d.priority, truncate(&text, 50));
+        }
+    }
+    println!(
+        "\ndemo: deliveries wait on {} for the dispatchers (not built yet); outcomes are on {} and in the notification_log table.",
+        ["apns", "fcm", "sms", "email"].map(|c| format!("herald.delivery.{c}")).join(", "),
+        topology.name("outcomes")?
+    );
     Ok(())
 }
 
+fn request(run: &str, id: &str, user: &str, category: &str, template: &str, params: &[(&str, &str)]) -> NotificationRequested {
+    NotificationRequested {
+        event_id: format!("demo-{run}-{id}"),
+        occurred_at: now_ms(),
+        source: "herald-demo".into(),
+        user_id: user.into(),
+        category: category.into(),
+        template_id: template.into(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        channels: None,
+        priority: Priority::Normal,
+        locale: None,
+        expires_at: None,
+    }
+}
+
+fn order_shipped(order: &str, user: &str) -> apache_avro::types::Value {
+    use apache_avro::types::Value;
+    Value::Record(vec![
+        ("order_id".into(), Value::String(order.into())),
+        ("customer".into(), Value::Record(vec![("id".into(), Value::String(user.into())), ("name".into(), Value::Union(0, Box::new(Value::Null)))])),
+        ("carrier".into(), Value::String("DHL".into())),
+        ("tracking_code".into(), Value::String("JJD000390007".into())),
+        ("shipped_at".into(), Value::TimestampMillis(now_ms())),
+        ("note".into(), Value::Union(0, Box::new(Value::Null))),
+    ])
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, key: &[u8], payload: &[u8]) -> anyhow::Result<(i32, i64)> {
+    let d = producer
+        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+    Ok((d.partition, d.offset))
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+/// What the demo saw on the output topics.
+#[derive(Default)]
+struct Seen {
+    outcomes: HashMap<String, Vec<DeliveryOutcome>>,
+    deliveries: HashMap<String, Vec<ChannelDelivery>>,
+}
+
+/// Reads the outcome and delivery topics (read_committed) from their current end.
+struct Watch {
+    consumer: StreamConsumer,
+    codec: Codec,
+    outcomes_topic: String,
+}
+
+impl Watch {
+    async fn start(config: &Config, topology: &Topology) -> anyhow::Result<Watch> {
+        let consumer: StreamConsumer = crate::kafka::client_config(&config.kafka, "demo-watch")
+            .set("group.id", format!("herald-demo-watch-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut topics = vec![topology.topic("outcomes")?];
+        for ch in ["apns", "fcm", "sms", "email"] {
+            topics.push(topology.topic(&format!("delivery.{ch}"))?);
+        }
+        for t in topics {
+            for p in 0..t.partitions {
+                tpl.add_partition_offset(&t.name, p, Offset::End)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(Watch { consumer, codec: Codec::new(&config.registry)?, outcomes_topic: topology.name("outcomes")?.to_string() })
+    }
+
+    /// Collects until every id has an outcome and nothing new arrived for 3 s (or `within`).
+    async fn until_settled(&self, ids: &[&str], within: Duration) -> Seen {
+        let outcome_schema = crate::schemas::schema("DeliveryOutcome").expect("built-in schema");
+        let delivery_schema = crate::schemas::schema("ChannelDelivery").expect("built-in schema");
+        let mut seen = Seen::default();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let all = ids.iter().all(|id| seen.outcomes.contains_key(*id));
+            let quiet = if all { Duration::from_secs(3) } else { Duration::from_secs(10) };
+            let next = tokio::time::timeout(quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now())), self.consumer.recv()).await;
+            let Ok(Ok(m)) = next else {
+                if all || tokio::time::Instant::now() >= deadline {
+                    return seen;
+                }
+                continue;
+            };
+            if m.topic() == self.outcomes_topic {
+                if let Ok(o) = self.codec.decode::<DeliveryOutcome>(m.payload(), &outcome_schema).await {
+                    seen.outcomes.entry(o.event_id.clone()).or_default().push(o);
+                }
+            } else if let Ok(d) = self.codec.decode::<ChannelDelivery>(m.payload(), &delivery_schema).await {
+                seen.deliveries.entry(d.event_id.clone()).or_default().push(d);
+            }
+        }
+    }
+}
+
 async fn seed_contacts(store: &Store) -> anyhow::Result<()> {
-    store
-        .put_user(&User {
-            user_id: "alice".into(),
-            email: Some("alice@example.com".into()),
-            phone: Some("+4915112345678".into()),
-            locale: Some("de-DE".into()),
-            timezone: Some("Europe/Berlin".into()),
-        })
-        .await?;
-    store
-        .put_user(&User {
-            user_id: "bob".into(),
-            email: Some("bob@example.org".into()),
-            phone: None,
-            locale: Some("en-US".into()),
-            timezone: Some("America/New_York".into()),
-        })
-        .await?;
-    for (platform, token) in [
+    for (id, email, phone, locale, tz) in [
+        ("alice", "alice@example.com", "+4915112345678", "de-DE", "Europe/Berlin"),
+        ("bob", "bob@example.org", "+14155550123", "en-US", "America/New_York"),
+    ] {
+        store
+            .put_user(&User { user_id: id.into(), email: Some(email.into()), phone: Some(phone.into()), locale: Some(locale.into()), timezone: Some(tz.into()) })
+            .await?;
+    }
+    for (i, (platform, token)) in [
         ("ios", "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"),
         ("android", "fcm-demo-token-alice-pixel:APA91bH0demo"),
-    ] {
+    ]
+    .iter()
+    .enumerate()
+    {
         store
             .put_device(&Device {
                 user_id: "alice".into(),
-                device_id: crate::model::delivery_id(platform, token, "device")[..16].to_string(),
-                platform: platform.into(),
-                token: token.into(),
+                device_id: format!("alice-{i}"),
+                platform: platform.to_string(),
+                token: token.to_string(),
                 app_id: Some("com.example.app".into()),
                 active: true,
             })
             .await?;
     }
-    store
-        .put_preference(&Preference {
-            user_id: "bob".into(),
-            channel: "sms".into(),
-            category: "marketing".into(),
-            opt_in: false,
-        })
-        .await?;
+    store.put_preference(&Preference { user_id: "bob".into(), channel: "email".into(), category: "marketing".into(), opt_in: false }).await?;
+    Ok(())
+}
+
+/// The sample templates (also used by the role tests): `bill_due` (email with tracking,
+/// push, sms; en + de), `login_code` (sms), `promo` (email), `order_shipped` (push + email),
+/// and `broken`, which needs a param no request sends.
+pub async fn seed_templates(store: &Store) -> anyhow::Result<()> {
+    let meta = |id: &str, category: &str, channels: &[&str]| Template {
+        template_id: id.into(),
+        category: category.into(),
+        current_version: 1,
+        default_channels: channels.iter().map(|c| c.to_string()).collect(),
+        tracking: id == "bill_due",
+        sample_params: BTreeMap::from([("amount", "9.99"), ("code", "123456"), ("n", "1")])
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    for t in [
+        meta("bill_due", "billing", &["email", "push"]),
+        meta("login_code", "security", &["sms"]),
+        meta("promo", "marketing", &["email"]),
+        meta("order_shipped", "shipping", &["push", "email"]),
+        meta("broken", "billing", &["email"]),
+    ] {
+        store.put_template(&t).await?;
+    }
+    let email = |id: &str, locale: &str, subject: &str, html: &str| TemplateContent {
+        template_id: id.into(),
+        version: 1,
+        channel: "email".into(),
+        locale: locale.into(),
+        subject: Some(subject.into()),
+        html: Some(html.into()),
+        text: Some("(see the HTML part)".into()),
+        ..Default::default()
+    };
+    let push = |id: &str, title: &str, body: &str| TemplateContent {
+        template_id: id.into(),
+        version: 1,
+        channel: "push".into(),
+        locale: "en".into(),
+        title: Some(title.into()),
+        body: Some(body.into()),
+        ..Default::default()
+    };
+    let sms = |id: &str, body: &str| TemplateContent {
+        template_id: id.into(),
+        version: 1,
+        channel: "sms".into(),
+        locale: "en".into(),
+        body: Some(body.into()),
+        ..Default::default()
+    };
+    for c in [
+        email("bill_due", "en", "Your bill: {{ amount }}", "<p>Pay {{ amount }} <a href=\"https://example.com/pay\">now</a></p>"),
+        email("bill_due", "de", "Ihre Rechnung: {{ amount }}", "<p>Bitte {{ amount }} <a href=\"https://example.com/pay\">zahlen</a></p>"),
+        push("bill_due", "Bill due", "Pay {{ amount }}"),
+        sms("bill_due", "Pay {{ amount }}"),
+        sms("login_code", "Your code: {{ code }}"),
+        email("promo", "en", "Deal {{ n }}", "<p>Offer {{ n }}</p>"),
+        push("order_shipped", "Shipped", "Order {{ order_id }} via {{ carrier }}"),
+        email("order_shipped", "en", "Order {{ order_id }} shipped", "<p>{{ carrier }}: {{ tracking_code }}</p>"),
+        email("broken", "en", "Hi {{ missing_param }}", "<p>x</p>"),
+    ] {
+        store.put_template_content(&c).await?;
+    }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use herald::codec::Codec;
 use herald::config::Config;
 use herald::model::{ChannelDelivery, DeliveryOutcome, NotificationRequested};
-use herald::store::{Device, Preference, Store, Template, TemplateContent, User};
+use herald::store::{Device, Preference, Store, User};
 use herald::topology::{Topology, ValueFormat};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -47,6 +47,12 @@ impl Env {
     /// Creates topics, keyspace, subjects, seeds templates, starts the collector.
     /// `extra_toml` is appended to the generated config file (e.g. `[router]` settings).
     pub async fn start(extra_toml: &str) -> Env {
+        Env::start_with(extra_toml, true).await
+    }
+
+    /// Like [`Env::start`]; `collect = false` skips the output collector (benchmarks count
+    /// records themselves, without decoding them on the measured machine's CPU).
+    pub async fn start_with(extra_toml: &str, collect: bool) -> Env {
         let id = unique("t");
         let dir = tempfile::tempdir().unwrap();
         let topo_text = herald::topology::BUILTIN
@@ -67,7 +73,7 @@ impl Env {
         herald::topology::reconcile(&config.kafka, &topology, true).await.expect("topology apply (is Kafka up?)");
         herald::schemas::register(&config.registry, &topology).await.expect("schemas register (is the registry up?)");
         let store = Arc::new(Store::open(&config.store).await.unwrap());
-        seed_templates(&store).await;
+        herald::demo::seed_templates(&store).await.unwrap();
         let codec = Arc::new(Codec::new(&config.registry).unwrap());
         let producer = herald::kafka::producer(&config.kafka, "test").unwrap();
         let env = Env {
@@ -81,8 +87,15 @@ impl Env {
             seen: Arc::new(Mutex::new(Vec::new())),
             roles: Mutex::new(Vec::new()),
         };
-        env.collect().await;
+        if collect {
+            env.collect().await;
+        }
         env
+    }
+
+    /// The pid of a running role.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.roles.lock().unwrap().iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
     }
 
     pub fn topic(&self, id: &str) -> String {
@@ -307,51 +320,4 @@ fn regex_partitions(text: &str) -> String {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Templates the tests use: `bill_due` (email + push + sms), `login_code` (sms), `promo`
-/// (email), `order_shipped` (push + email), `broken` (a param the requests never send).
-pub async fn seed_templates(store: &Store) {
-    let t = |id: &str, cat: &str, channels: &[&str]| Template {
-        template_id: id.into(),
-        category: cat.into(),
-        current_version: 1,
-        default_channels: channels.iter().map(|c| c.to_string()).collect(),
-        tracking: id == "bill_due",
-        sample_params: HashMap::new(),
-    };
-    let content = |id: &str, channel: &str, locale: &str, title: Option<&str>, body: Option<&str>, subject: Option<&str>, html: Option<&str>| TemplateContent {
-        template_id: id.into(),
-        version: 1,
-        channel: channel.into(),
-        locale: locale.into(),
-        title: title.map(str::to_string),
-        body: body.map(str::to_string),
-        subject: subject.map(str::to_string),
-        html: html.map(str::to_string),
-        text: html.map(|_| "(see the HTML part)".to_string()),
-        data: None,
-    };
-    for tpl in [
-        t("bill_due", "billing", &["email", "push"]),
-        t("login_code", "security", &["sms"]),
-        t("promo", "promo", &["email"]),
-        t("order_shipped", "shipping", &["push", "email"]),
-        t("broken", "billing", &["email"]),
-    ] {
-        store.put_template(&tpl).await.unwrap();
-    }
-    for c in [
-        content("bill_due", "email", "en", None, None, Some("Your bill: {{ amount }}"), Some("<p>Pay {{ amount }} <a href=\"https://example.com/pay\">now</a></p>")),
-        content("bill_due", "email", "de", None, None, Some("Ihre Rechnung: {{ amount }}"), Some("<p>Bitte {{ amount }} zahlen</p>")),
-        content("bill_due", "push", "en", Some("Bill due"), Some("Pay {{ amount }}"), None, None),
-        content("bill_due", "sms", "en", None, Some("Pay {{ amount }}"), None, None),
-        content("login_code", "sms", "en", None, Some("Your code: {{ code }}"), None, None),
-        content("promo", "email", "en", None, None, Some("Deal {{ n }}"), Some("<p>Offer {{ n }}</p>")),
-        content("order_shipped", "push", "en", Some("Shipped"), Some("Order {{ order_id }} via {{ carrier }}"), None, None),
-        content("order_shipped", "email", "en", None, None, Some("Order {{ order_id }} shipped"), Some("<p>{{ carrier }}: {{ tracking_code }}</p>")),
-        content("broken", "email", "en", None, None, Some("Hi {{ missing_param }}"), Some("<p>x</p>")),
-    ] {
-        store.put_template_content(&c).await.unwrap();
-    }
 }

@@ -1,0 +1,216 @@
+//! Router throughput and memory, next to a plain rdkafka passthrough in the same run.
+//!
+//! ```sh
+//! scripts/stack up
+//! cargo bench --bench router -- --users 10000 --requests 20000
+//! cargo bench --bench router -- --users 1000000 --requests 20000
+//! ```
+//!
+//! 1. An isolated environment (own topics, keyspace) on the real stack; N users preloaded,
+//!    each with an email, an iPhone and an Android device and a preference row.
+//! 2. M requests pre-produced (category `bench`: dedup, enrichment, preferences and a
+//!    throttle check all on; 3 deliveries each), users drawn uniformly from the N.
+//! 3. Baseline: a plain rdkafka consume → produce of the same M records (no processing,
+//!    no transactions), timed from first to last record.
+//! 4. The release `herald router` binary over the same records, timed from its first to its
+//!    last outcome; its peak RSS (VmHWM) read from /proc.
+//!
+//! Prints events/s for both and their ratio (target ≥ 0.5), plus the router's peak RSS.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use herald::model::{now_ms, NotificationRequested, Priority};
+use herald::store::{Device, Preference, User};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use common::env::Env;
+use common::unique;
+
+const CONFIG: &str = r#"
+[router]
+batch_max = 1000
+batch_wait_ms = 20
+concurrency = 128
+cache_max_entries = 50000
+
+[router.categories.bench]
+opt_in_default = true
+opt_out_allowed = true
+priority = "normal"
+throttle_limit = 1000000
+throttle_window = "1d"
+quiet_hours = false
+"#;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let users = arg("--users", 10_000);
+    let requests = arg("--requests", 20_000);
+    println!("router bench: {users} users, {requests} requests");
+    let env = Env::start_with(CONFIG, false).await;
+
+    let started = Instant::now();
+    futures::stream::iter(0..users)
+        .map(|i| preload(&env, i))
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await;
+    println!("preloaded {users} users in {:.1} s", started.elapsed().as_secs_f64());
+
+    let topic = env.topic("requests");
+    let started = Instant::now();
+    let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut pending = Vec::with_capacity(requests);
+    for i in 0..requests {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let user = format!("u{}", rng_state as usize % users);
+        let req = NotificationRequested {
+            event_id: format!("bench-{i}-{}", unique("e")),
+            occurred_at: now_ms(),
+            source: "bench".into(),
+            user_id: user.clone(),
+            category: "bench".into(),
+            template_id: "bill_due".into(),
+            params: [("amount".to_string(), format!("{i}.00"))].into(),
+            channels: Some(vec!["email".into(), "push".into()]),
+            priority: Priority::Normal,
+            locale: None,
+            expires_at: None,
+        };
+        let bytes = env.codec.encode(&topic, &req).await.unwrap();
+        pending.push(env.producer.send_result(FutureRecord::to(&topic).key(&user).payload(&bytes)).map_err(|(e, _)| e).unwrap());
+        if pending.len() >= 10_000 {
+            for d in pending.drain(..) {
+                d.await.unwrap().unwrap();
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.unwrap().unwrap();
+    }
+    println!("produced {requests} requests in {:.1} s", started.elapsed().as_secs_f64());
+
+    let passthrough = passthrough(&env, &topic, requests).await;
+    println!("passthrough: {requests} records in {:.2} s = {:.0} events/s", passthrough.as_secs_f64(), requests as f64 / passthrough.as_secs_f64());
+
+    env.spawn("router", &["router"]);
+    let pid = env.pid("router").expect("router running");
+    let (elapsed, hwm_kb) = wait_routed(&env, requests, pid).await;
+    let router_rate = requests as f64 / elapsed.as_secs_f64();
+    let pass_rate = requests as f64 / passthrough.as_secs_f64();
+    println!("router:      {requests} records in {:.2} s = {router_rate:.0} events/s", elapsed.as_secs_f64());
+    println!("ratio router/passthrough = {:.2} (target >= 0.5)", router_rate / pass_rate);
+    println!("router peak RSS (VmHWM) = {:.1} MiB with {users} users", hwm_kb as f64 / 1024.0);
+}
+
+async fn preload(env: &Env, i: usize) {
+    let id = format!("u{i}");
+    env.store
+        .put_user(&User { user_id: id.clone(), email: Some(format!("{id}@example.com")), phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) })
+        .await
+        .unwrap();
+    for (n, platform) in ["ios", "android"].iter().enumerate() {
+        env.store
+            .put_device(&Device {
+                user_id: id.clone(),
+                device_id: format!("{id}-{n}"),
+                platform: platform.to_string(),
+                token: format!("{id}-token-{platform}"),
+                app_id: None,
+                active: true,
+            })
+            .await
+            .unwrap();
+    }
+    env.store
+        .put_preference(&Preference { user_id: id, channel: "sms".into(), category: "bench".into(), opt_in: false })
+        .await
+        .unwrap();
+}
+
+/// Consumes `n` records from `topic` and produces each to a scratch topic, as fast as
+/// rdkafka goes; first to last record.
+async fn passthrough(env: &Env, topic: &str, n: usize) -> Duration {
+    let out = env.topic("dlq"); // any existing topic with raw values; the router never reads it
+    let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "bench-pass")
+        .set("group.id", unique("bench-pass"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let producer: FutureProducer = herald::kafka::producer(&env.config.kafka, "bench-pass").unwrap();
+    let mut first = None;
+    for _ in 0..n {
+        let m = consumer.recv().await.unwrap();
+        first.get_or_insert_with(Instant::now);
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&out);
+        if let Some(k) = m.key() {
+            rec = rec.key(k);
+        }
+        if let Some(p) = m.payload() {
+            rec = rec.payload(p);
+        }
+        let mut rec = rec;
+        loop {
+            match producer.send_result(rec) {
+                Ok(_) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(30))).unwrap();
+    first.unwrap().elapsed()
+}
+
+/// Counts the router's outcome records (3 `routed` per request: email, iPhone, Android)
+/// without decoding them; first-to-last by the records' timestamps; then the peak RSS.
+async fn wait_routed(env: &Env, n: usize, pid: u32) -> (Duration, u64) {
+    let topic = env.topic("outcomes");
+    let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "bench-count")
+        .set("group.id", unique("bench-count"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic.as_str()]).unwrap();
+    let (mut count, mut first, mut last) = (0usize, i64::MAX, 0i64);
+    while count < 3 * n {
+        let m = tokio::time::timeout(Duration::from_secs(120), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("router stalled at {count}/{} outcomes\n{}", 3 * n, common::env::tail(&env.log("router"), 20)))
+            .unwrap();
+        let ts = m.timestamp().to_millis().unwrap_or(0);
+        first = first.min(ts);
+        last = last.max(ts);
+        count += 1;
+    }
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (Duration::from_millis((last - first).max(1) as u64), hwm)
+}
