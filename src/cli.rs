@@ -76,7 +76,11 @@ pub enum DbAction {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        // The demo prints its own report; keep the roles it runs quiet unless asked.
+        config.telemetry.log_filter = "warn,scylla=error,herald::telemetry=off".into();
+    }
     crate::telemetry::init(&config.telemetry)?;
     let topology = Topology::load(config.topology.file.as_deref())?;
     match cli.command {

@@ -240,18 +240,34 @@ impl Store {
     /// Connects to the configured keyspace (which `db migrate` must have created) and
     /// prepares every statement.
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let session = connect(cfg, Some(&cfg.keyspace)).await.map_err(|e| match e {
-            StoreError::Unreachable { detail, .. } if detail.contains("eyspace") => {
-                StoreError::NotMigrated(cfg.keyspace.clone())
-            }
-            e => e,
-        })?;
-        Store::prepare(Arc::new(session)).await
+        let session = connect(cfg, None).await?;
+        let migrated = session
+            .query_unpaged(
+                "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'schema_migrations'",
+                (&cfg.keyspace,),
+            )
+            .await
+            .map_err(|e| query_err("read schema", e))?
+            .into_rows_result()
+            .map_err(|e| query_err("read schema", e))?
+            .rows_num()
+            > 0;
+        if !migrated {
+            return Err(StoreError::NotMigrated(cfg.keyspace.clone()));
+        }
+        Store::prepare(Arc::new(session), &cfg.keyspace).await
     }
 
-    async fn prepare(session: Arc<Session>) -> Result<Store, StoreError> {
+    /// Prepares every statement with keyspace-qualified table names (no `USE`, which
+    /// Cassandra flags as ambiguous for prepared statements).
+    async fn prepare(session: Arc<Session>, ks: &str) -> Result<Store, StoreError> {
+        let qualify = |q: &str| {
+            q.replacen("INSERT INTO ", &format!("INSERT INTO {ks}."), 1)
+                .replacen(" FROM ", &format!(" FROM {ks}."), 1)
+        };
         let p = |q: &'static str| {
             let session = session.clone();
+            let q = qualify(q);
             async move {
                 let mut st = session.prepare(q).await.map_err(|e| query_err("prepare", e))?;
                 // Every statement here is an upsert or a read: safe to retry or speculate.
@@ -275,7 +291,7 @@ impl Store {
             claim_event: {
                 // A lightweight transaction: only the first claimant wins. Not idempotent.
                 let mut st = session
-                    .prepare("INSERT INTO dedup_claims (event_id, source_topic, partition, offset, claimed_at) VALUES (?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?")
+                    .prepare(qualify("INSERT INTO dedup_claims (event_id, source_topic, partition, offset, claimed_at) VALUES (?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?"))
                     .await
                     .map_err(|e| query_err("prepare", e))?;
                 st.set_is_idempotent(false);
