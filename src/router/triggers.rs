@@ -111,6 +111,7 @@ mod tests {
         t.params.insert("note".into(), "note".into());
         let e = map(&t, "orders.shipped", &order(), 5).unwrap_err();
         assert!(e.contains("'note'"), "{e}");
+        let mut t = trigger();
         t.user_id = "buyer.id".into();
         assert!(map(&t, "orders.shipped", &order(), 5).unwrap_err().contains("buyer.id"));
     }
