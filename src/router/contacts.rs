@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, BusError};
 use crate::render::CompiledTemplate;
-use crate::store::{Device, Store, StoreError, Template, User};
+use crate::store::{ContactHealth, Device, Store, StoreError, Template, User};
 
-/// A user with every device (active or not).
+/// A user with every device (active or not) and whether their email and phone still work.
 #[derive(Debug, Clone)]
 pub struct Contact {
     pub user: User,
     pub devices: Vec<Device>,
+    pub health: ContactHealth,
 }
 
 /// A template's metadata and its compiled live version.
@@ -51,8 +52,8 @@ impl Contacts {
         self.users
             .try_get_with(user_id.to_string(), async {
                 let Some(user) = store.user(user_id).await? else { return Ok(Arc::new(None)) };
-                let devices = store.devices(user_id).await?;
-                Ok(Arc::new(Some(Contact { user, devices })))
+                let (devices, health) = tokio::try_join!(store.devices(user_id), store.contact_health(user_id))?;
+                Ok(Arc::new(Some(Contact { user, devices, health })))
             })
             .await
             .map_err(unshare)

@@ -234,7 +234,7 @@ impl Router {
                 continue;
             }
             seen.push(ch);
-            let addrs = policy::addresses(ch, &contact.user, &contact.devices);
+            let addrs = policy::addresses(ch, &contact.user, &contact.devices, &contact.health);
             if addrs.is_empty() {
                 self.outcome(src, req, "no_address", Some(ch), None, None, out, log).await?;
                 continue;

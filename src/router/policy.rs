@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::CategoryConfig;
 use crate::model::{NotificationRequested, Priority};
-use crate::store::{Device, User};
+use crate::store::{ContactHealth, Device, User};
 
 /// Request-level channels a client may ask for.
 pub const CHANNELS: [&str; 3] = ["push", "sms", "email"];
@@ -25,8 +25,9 @@ pub struct Address {
 }
 
 /// Every address a request channel has for this user: push fans out to all active devices
-/// (APNs for iOS, FCM for Android and web); SMS needs a phone, email an email address.
-pub fn addresses(channel: &str, user: &User, devices: &[Device]) -> Vec<Address> {
+/// (APNs for iOS, FCM for Android and web); SMS needs a phone, email an email address, each
+/// not found dead by a provider.
+pub fn addresses(channel: &str, user: &User, devices: &[Device], health: &ContactHealth) -> Vec<Address> {
     match channel {
         "push" => devices
             .iter()
@@ -43,13 +44,13 @@ pub fn addresses(channel: &str, user: &User, devices: &[Device]) -> Vec<Address>
         "sms" => user
             .phone
             .iter()
-            .filter(|p| !p.is_empty())
+            .filter(|p| !p.is_empty() && health.phone_active != Some(false))
             .map(|p| Address { delivery_channel: "sms", address: p.clone(), device_id: None })
             .collect(),
         "email" => user
             .email
             .iter()
-            .filter(|e| !e.is_empty())
+            .filter(|e| !e.is_empty() && health.email_active != Some(false))
             .map(|e| Address { delivery_channel: "email", address: e.clone(), device_id: None })
             .collect(),
         _ => Vec::new(),
@@ -191,9 +192,18 @@ mod tests {
     fn push_fans_out_to_every_active_device_by_platform() {
         let user = User { user_id: "u".into(), ..Default::default() };
         let devices = [device("a", "ios", true), device("b", "android", true), device("c", "web", true), device("d", "ios", false)];
-        let got: Vec<_> = addresses("push", &user, &devices).into_iter().map(|a| (a.delivery_channel, a.address)).collect();
+        let ok = ContactHealth::default();
+        let got: Vec<_> = addresses("push", &user, &devices, &ok).into_iter().map(|a| (a.delivery_channel, a.address)).collect();
         assert_eq!(got, vec![("apns", "tok-a".into()), ("fcm", "tok-b".into()), ("fcm", "tok-c".into())]);
-        assert!(addresses("sms", &user, &devices).is_empty(), "no phone, no sms address");
+        assert!(addresses("sms", &user, &devices, &ok).is_empty(), "no phone, no sms address");
+    }
+
+    #[test]
+    fn a_contact_found_dead_is_no_address() {
+        let user = User { user_id: "u".into(), email: Some("a@b.c".into()), phone: Some("+15550001".into()), ..Default::default() };
+        let dead_phone = ContactHealth { email_active: Some(true), phone_active: Some(false) };
+        assert!(addresses("sms", &user, &[], &dead_phone).is_empty());
+        assert_eq!(addresses("email", &user, &[], &dead_phone).len(), 1);
     }
 
     #[test]

@@ -108,6 +108,23 @@ pub struct User {
     pub timezone: Option<String>,
 }
 
+/// Whether a user's email and phone still work (`None` = never found dead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, DeserializeRow)]
+pub struct ContactHealth {
+    pub email_active: Option<bool>,
+    pub phone_active: Option<bool>,
+}
+
+/// A delivery's row in the sent-log.
+#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
+pub struct SentEntry {
+    pub state: String,
+    pub provider: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub latency_ms: Option<i64>,
+}
+
 /// One device of a user.
 #[derive(Debug, Clone, PartialEq, Eq, DeserializeRow, SerializeRow)]
 pub struct Device {
@@ -234,6 +251,12 @@ pub struct Store {
     log_of: PreparedStatement,
     throttle_hits: PreparedStatement,
     put_throttle_hit: PreparedStatement,
+    get_sent: PreparedStatement,
+    put_sent: PreparedStatement,
+    deactivate_device: PreparedStatement,
+    set_email_active: PreparedStatement,
+    set_phone_active: PreparedStatement,
+    contact_health: PreparedStatement,
 }
 
 impl Store {
@@ -265,7 +288,7 @@ impl Store {
             q.replacen("INSERT INTO ", &format!("INSERT INTO {ks}."), 1)
                 .replacen(" FROM ", &format!(" FROM {ks}."), 1)
         };
-        let p = |q: &'static str| {
+        let p = |q: &str| {
             let session = session.clone();
             let q = qualify(q);
             async move {
@@ -302,6 +325,12 @@ impl Store {
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt FROM notification_log WHERE event_id = ?").await?,
             throttle_hits: p("SELECT event_id, at FROM throttle_hits WHERE user_id = ? AND channel = ? AND category = ?").await?,
             put_throttle_hit: p("INSERT INTO throttle_hits (user_id, channel, category, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            get_sent: p("SELECT state, provider, provider_message_id, attempt, latency_ms FROM sent_log WHERE delivery_id = ?").await?,
+            put_sent: p("INSERT INTO sent_log (delivery_id, state, provider, provider_message_id, attempt, latency_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
+            deactivate_device: p(&format!("UPDATE {ks}.devices SET active = false, updated_at = toTimestamp(now()) WHERE user_id = ? AND device_id = ?")).await?,
+            set_email_active: p(&format!("UPDATE {ks}.users SET email_active = ? WHERE user_id = ?")).await?,
+            set_phone_active: p(&format!("UPDATE {ks}.users SET phone_active = ? WHERE user_id = ?")).await?,
+            contact_health: p("SELECT email_active, phone_active FROM users WHERE user_id = ?").await?,
             session,
         })
     }
@@ -458,6 +487,62 @@ impl Store {
         let mut rows: Vec<LogEntry> = self.rows(&self.log_of, (event_id,), "notification log").await?;
         rows.sort_by(|a, b| (a.recorded_at, &a.outcome_id).cmp(&(b.recorded_at, &b.outcome_id)));
         Ok(rows)
+    }
+
+    /// The sent-log row of a delivery.
+    pub async fn sent(&self, delivery_id: &str) -> Result<Option<SentEntry>, StoreError> {
+        let r = self.session.execute_unpaged(&self.get_sent, (delivery_id,)).await.map_err(|e| query_err("get sent", e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err("get sent", e))?
+            .maybe_first_row::<SentEntry>()
+            .map_err(|e| query_err("get sent", e))
+    }
+
+    /// Records the state of a delivery: `attempting` before the provider call, `sent` after.
+    pub async fn put_sent(
+        &self,
+        delivery_id: &str,
+        state: &str,
+        provider: &str,
+        message_id: Option<&str>,
+        attempt: i32,
+        latency_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.put_sent, (delivery_id, state, provider, message_id, attempt, latency_ms))
+            .await
+            .map_err(|e| query_err("put sent", e))?;
+        Ok(())
+    }
+
+    /// Marks a push device dead (APNs Unregistered, FCM UNREGISTERED...).
+    pub async fn deactivate_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.deactivate_device, (user_id, device_id))
+            .await
+            .map_err(|e| query_err("deactivate device", e))?;
+        Ok(())
+    }
+
+    /// Marks a user's email (`channel = "email"`) or phone (`"sms"`) as working or dead.
+    pub async fn set_contact_active(&self, user_id: &str, channel: &str, active: bool) -> Result<(), StoreError> {
+        let st = match channel {
+            "email" => &self.set_email_active,
+            "sms" => &self.set_phone_active,
+            other => return Err(StoreError::Query { op: "set contact active", detail: format!("no contact for channel {other}"), retryable: false }),
+        };
+        self.session.execute_unpaged(st, (active, user_id)).await.map_err(|e| query_err("set contact active", e))?;
+        Ok(())
+    }
+
+    /// Whether a user's email and phone still work.
+    pub async fn contact_health(&self, user_id: &str) -> Result<ContactHealth, StoreError> {
+        let r = self.session.execute_unpaged(&self.contact_health, (user_id,)).await.map_err(|e| query_err("contact health", e))?;
+        Ok(r.into_rows_result()
+            .map_err(|e| query_err("contact health", e))?
+            .maybe_first_row::<ContactHealth>()
+            .map_err(|e| query_err("contact health", e))?
+            .unwrap_or_default())
     }
 
     /// Counts `event_id` against the user × channel × category limit: `true` when it fits
