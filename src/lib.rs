@@ -15,6 +15,8 @@
 //!   the Kafka admin API.
 //! - [`kafka`]: client configuration, the idempotent producer, reachability checks.
 //! - [`store`]: the CQL store (Scylla/Cassandra): session, prepared statements, migrations.
+//! - [`providers`]: one module per provider (APNs, FCM, Twilio, Vonage, SendGrid, Mandrill):
+//!   pure request builders and response classifiers, credential caches, the HTTP clients.
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod kafka;
 pub mod model;
+pub mod providers;
 pub mod schemas;
 pub mod store;
 pub mod telemetry;
