@@ -18,6 +18,8 @@
 //! - [`render`]: templates compiled once (minijinja, strict params) and rendered per
 //!   channel × locale into `RenderedContent`: SMS encoding/segments, escaped email HTML.
 //! - [`tracking`]: signed open/click tokens for email (rendered here, served by the API).
+//! - [`providers`]: one module per provider (APNs, FCM, Twilio, Vonage, SendGrid, Mandrill):
+//!   pure request builders and response classifiers, credential caches, the HTTP clients.
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
 //! - [`router`]: the router role (dedup, enrich, preferences, throttle, quiet hours,
 //!   templates, emit) over [`kafka::eos`], the exactly-once stage loop.
@@ -31,6 +33,7 @@ pub mod demo;
 pub mod error;
 pub mod kafka;
 pub mod model;
+pub mod providers;
 pub mod render;
 pub mod router;
 pub mod schemas;
