@@ -44,6 +44,12 @@ pub enum Command {
     Check,
     /// The router role: requests in, per-channel deliveries out (exactly once).
     Router,
+    /// A dispatcher role: one channel's deliveries to its providers.
+    Dispatch {
+        /// apns | fcm | sms | email
+        #[arg(long)]
+        channel: String,
+    },
     /// Pushes sample events end to end and prints what came out.
     Demo {
         /// How many sample events to push.
@@ -106,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Router => crate::router::run(&config, &topology, shutdown_on_signal()).await?,
+        Command::Dispatch { channel } => crate::dispatch::run(&config, &topology, &channel, shutdown_on_signal()).await?,
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
     }

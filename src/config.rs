@@ -67,6 +67,9 @@ pub struct Config {
     pub topology: TopologyConfig,
     pub telemetry: TelemetryConfig,
     pub router: RouterConfig,
+    pub dispatch: DispatchConfig,
+    /// Provider endpoints and credentials (`[providers.apns]`, ...).
+    pub providers: crate::providers::ProvidersConfig,
 }
 
 /// Kafka connection settings shared by every role.
@@ -368,6 +371,69 @@ pub struct CategoryConfig {
     pub max_age: Option<Duration>,
 }
 
+/// The dispatcher role (`herald dispatch --channel <c>`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Stable replica id; names the transactional id like the router's.
+    pub instance_id: String,
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    pub transaction_timeout_ms: u64,
+    /// Deliveries in flight per dispatcher (per-provider limits apply on top).
+    pub concurrency: usize,
+    /// Retry delays are spread by ± this fraction.
+    pub jitter: f64,
+    /// Provider order per channel; the first whose circuit is closed gets the traffic.
+    pub routes: BTreeMap<String, Vec<String>>,
+    /// Per-category overrides of `routes`: category → channel → provider order.
+    pub category_routes: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    /// Per-provider limits (missing = the default below).
+    pub limits: BTreeMap<String, ProviderLimit>,
+    pub default_limit: ProviderLimit,
+    /// Consecutive transient failures that open a provider's circuit, and for how long.
+    pub breaker_failures: u32,
+    #[serde(with = "duration")]
+    pub breaker_open_for: Duration,
+}
+
+/// Client-side limits of one provider.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderLimit {
+    pub concurrency: usize,
+    pub rate_per_sec: f64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        let order = |ps: &[&str]| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        DispatchConfig {
+            instance_id: "0".into(),
+            batch_max: 500,
+            batch_wait_ms: 20,
+            transaction_timeout_ms: 30_000,
+            concurrency: 256,
+            jitter: 0.2,
+            routes: BTreeMap::from([
+                ("apns".to_string(), order(&["apns"])),
+                ("fcm".to_string(), order(&["fcm"])),
+                ("sms".to_string(), order(&["twilio", "vonage"])),
+                ("email".to_string(), order(&["sendgrid", "mandrill"])),
+            ]),
+            category_routes: BTreeMap::new(),
+            limits: BTreeMap::from([
+                // Vonage's default account limit is 30 requests/s.
+                ("vonage".to_string(), ProviderLimit { concurrency: 30, rate_per_sec: 30.0 }),
+                ("twilio".to_string(), ProviderLimit { concurrency: 100, rate_per_sec: 100.0 }),
+            ]),
+            default_limit: ProviderLimit { concurrency: 200, rate_per_sec: 5_000.0 },
+            breaker_failures: 5,
+            breaker_open_for: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Maps an upstream domain topic onto a notification.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -503,6 +569,19 @@ impl Config {
         }
         if r.batch_max == 0 || r.concurrency == 0 {
             return bad("router.batch_max and router.concurrency must be > 0");
+        }
+        let d = &self.dispatch;
+        let known = |p: &String| p.parse::<crate::providers::Provider>().is_ok();
+        for (ch, order) in d.routes.iter().chain(d.category_routes.values().flatten()) {
+            if order.is_empty() || !order.iter().all(known) {
+                return bad(&format!("dispatch routes for {ch}: {order:?} must name providers (apns, fcm, twilio, vonage, sendgrid, mandrill)"));
+            }
+            if order.iter().any(|p| p.parse::<crate::providers::Provider>().ok().map(|p| p.channel()) != Some(ch.as_str())) {
+                return bad(&format!("dispatch routes for {ch}: {order:?} has a provider of another channel"));
+            }
+        }
+        if !(0.0..1.0).contains(&d.jitter) {
+            return bad("dispatch.jitter must be in [0, 1)");
         }
         Ok(())
     }

@@ -23,6 +23,8 @@
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
 //! - [`router`]: the router role (dedup, enrich, preferences, throttle, quiet hours,
 //!   templates, emit) over [`kafka::eos`], the exactly-once stage loop.
+//! - [`dispatch`]: the dispatcher role per channel: sent-log, retry topics, DLQ, failover
+//!   with circuit breakers, per-provider limits.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
@@ -30,6 +32,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
 pub mod error;
 pub mod kafka;
 pub mod model;

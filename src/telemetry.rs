@@ -67,6 +67,8 @@ pub mod events {
     pub const RECORDS_PRODUCED: &str = "herald_records_produced_total";
     pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
     pub const STAGE_SECONDS: &str = "herald_stage_duration_seconds";
+    pub const UNCERTAIN_RESENDS: &str = "herald_dispatch_uncertain_resends_total";
+    pub const BREAKER_CHANGES: &str = "herald_dispatch_breaker_transitions_total";
 
     pub(super) fn describe() {
         describe_counter!(OUTCOMES, "Outcome events emitted, by channel, provider and outcome.");
@@ -74,6 +76,11 @@ pub mod events {
         describe_counter!(RECORDS_PRODUCED, "Kafka records produced and acknowledged, by role and topic.");
         describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic, by role and reason.");
         describe_histogram!(STAGE_SECONDS, "Time spent per processing stage.");
+        describe_counter!(
+            UNCERTAIN_RESENDS,
+            "Deliveries found attempted but not recorded as sent (the provider may have accepted them before a crash) and sent again."
+        );
+        describe_counter!(BREAKER_CHANGES, "Provider circuit breaker transitions, by provider and new state.");
     }
 
     /// An outcome event was emitted.
@@ -93,6 +100,17 @@ pub mod events {
     pub fn dead_lettered(role: &'static str, reason: &'static str, detail: &str) {
         tracing::error!(role, reason, detail, "record dead-lettered");
         counter!(DEAD_LETTERS, "role" => role, "reason" => reason).increment(1);
+    }
+
+    /// A delivery was attempted before without a recorded result and is sent again.
+    pub fn uncertain_resend(channel: &str, provider: &str) {
+        counter!(UNCERTAIN_RESENDS, "channel" => channel.to_string(), "provider" => provider.to_string()).increment(1);
+    }
+
+    /// A provider's circuit opened (traffic fails over) or closed again.
+    pub fn breaker(provider: &'static str, state: &'static str) {
+        tracing::warn!(provider, state, "provider circuit breaker changed state");
+        counter!(BREAKER_CHANGES, "provider" => provider, "state" => state).increment(1);
     }
 
     pub fn stage_time(stage: &'static str, seconds: f64) {
