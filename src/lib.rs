@@ -16,6 +16,8 @@
 //! - [`kafka`]: client configuration, the idempotent producer, reachability checks.
 //! - [`store`]: the CQL store (Scylla/Cassandra): session, prepared statements, migrations.
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
+//! - [`sandbox`]: the provider sandbox: local look-alikes of APNs, FCM, Twilio, Vonage,
+//!   SendGrid and Mandrill with a fault-injection control API (`herald sandbox`).
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod kafka;
 pub mod model;
+pub mod sandbox;
 pub mod schemas;
 pub mod store;
 pub mod telemetry;
