@@ -58,6 +58,13 @@ pub enum Command {
     },
     /// Prints the effective configuration (secrets redacted).
     Config,
+    /// Serves the provider sandbox (APNs, FCM + OAuth, Twilio, Vonage, SendGrid, Mandrill
+    /// look-alikes, control API under /_sandbox/) until Ctrl-C.
+    Sandbox {
+        /// Listen address (HTTP/1.1 and h2c on one port).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +122,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dispatch { channel } => crate::dispatch::run(&config, &topology, &channel, shutdown_on_signal()).await?,
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
+        Command::Sandbox { listen } => {
+            // Development defaults until `sandbox` is a section of `Config`.
+            let sandbox = crate::sandbox::SandboxConfig { listen, ..Default::default() };
+            crate::sandbox::run(sandbox).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

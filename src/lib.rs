@@ -25,6 +25,8 @@
 //!   templates, emit) over [`kafka::eos`], the exactly-once stage loop.
 //! - [`dispatch`]: the dispatcher role per channel: sent-log, retry topics, DLQ, failover
 //!   with circuit breakers, per-provider limits.
+//! - [`sandbox`]: the provider sandbox: local look-alikes of APNs, FCM, Twilio, Vonage,
+//!   SendGrid and Mandrill with a fault-injection control API (`herald sandbox`).
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
@@ -39,6 +41,7 @@ pub mod model;
 pub mod providers;
 pub mod render;
 pub mod router;
+pub mod sandbox;
 pub mod schemas;
 pub mod store;
 pub mod telemetry;
