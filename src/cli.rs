@@ -61,9 +61,9 @@ pub enum Command {
     /// Serves the provider sandbox (APNs, FCM + OAuth, Twilio, Vonage, SendGrid, Mandrill
     /// look-alikes, control API under /_sandbox/) until Ctrl-C.
     Sandbox {
-        /// Listen address (HTTP/1.1 and h2c on one port).
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        listen: String,
+        /// Listen address (HTTP/1.1 and h2c on one port); default `sandbox.listen`.
+        #[arg(long)]
+        listen: Option<String>,
     },
 }
 
@@ -123,8 +123,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
         Command::Sandbox { listen } => {
-            // Development defaults until `sandbox` is a section of `Config`.
-            let sandbox = crate::sandbox::SandboxConfig { listen, ..Default::default() };
+            let mut sandbox = config.sandbox.clone();
+            if let Some(listen) = listen {
+                sandbox.listen = listen;
+            }
             crate::sandbox::run(sandbox).await?;
         }
     }

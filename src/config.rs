@@ -70,6 +70,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// Provider endpoints and credentials (`[providers.apns]`, ...).
     pub providers: crate::providers::ProvidersConfig,
+    /// The provider sandbox (`herald sandbox`): what it listens on and accepts.
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 /// Kafka connection settings shared by every role.

@@ -58,7 +58,11 @@ impl Env {
         let topo_text = herald::topology::BUILTIN
             .replace("name = \"herald.", &format!("name = \"{id}.herald."))
             .replace("name = \"orders.shipped\"", &format!("name = \"{id}.orders.shipped\""));
-        let topo_text = regex_partitions(&topo_text);
+        // Short retry levels so retry paths finish within a test.
+        let topo_text = regex_partitions(&topo_text)
+            .replace("retry_delay = \"10s\"", "retry_delay = \"1s\"")
+            .replace("retry_delay = \"1m\"", "retry_delay = \"2s\"")
+            .replace("retry_delay = \"10m\"", "retry_delay = \"3s\"");
         let topo_path = dir.path().join("topics.toml");
         std::fs::write(&topo_path, &topo_text).unwrap();
         let config_path = dir.path().join("herald.toml");
