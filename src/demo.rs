@@ -1,11 +1,14 @@
-//! `herald demo`: seeds sample contacts and templates, runs the roles that exist in-process,
-//! pushes sample events (good ones, a duplicate, an unknown user, poison bytes, a broken
-//! template, an upstream trigger event) through the real stack, and prints what came out.
+//! `herald demo`: seeds sample contacts and templates, runs every role in-process (router,
+//! the four dispatchers, and the provider sandbox they talk to), pushes sample events (good
+//! ones, a duplicate, an unknown user, poison bytes, a broken template, an upstream trigger
+//! event, a dead device token, a provider failing once) through the real stack, and prints
+//! what came out at each stage.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,18 +26,40 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
     let store = Store::open(&config.store).await.context("opening the store (did `herald setup` run?)")?;
     seed_contacts(&store).await?;
     seed_templates(&store).await?;
-    println!("demo: seeded users alice (email, phone, iPhone + Android), bob (email, phone; no email marketing) and 5 templates");
+    println!("demo: seeded users alice (email, phone, iPhone + Android), bob (email, phone; no email marketing), carol (one iPhone) and 5 templates");
 
     let codec = Codec::new(&config.registry)?;
     let producer = crate::kafka::producer(&config.kafka, "demo")?;
     let watch = Watch::start(config, topology).await?;
 
+    let sandbox = crate::sandbox::start(config.sandbox.clone())
+        .await
+        .context("starting the provider sandbox (is sandbox.listen free?)")?;
+    let http = reqwest::Client::new();
+    // A dead iPhone token, and Twilio failing once: retried through herald.retry.sms.1.
+    http.put(format!("{}/_sandbox/state", sandbox.url()))
+        .json(&serde_json::json!({ "apns_unregistered": [DEAD_TOKEN] }))
+        .send()
+        .await?;
+    http.put(format!("{}/_sandbox/faults/twilio", sandbox.url()))
+        .json(&serde_json::json!({ "error": "503", "count": 1 }))
+        .send()
+        .await?;
+    println!("demo: provider sandbox on {} (Twilio will fail once; one iPhone token is dead)", sandbox.url());
+
     let stop = CancellationToken::new();
-    let router = tokio::spawn({
+    let mut roles = Vec::new();
+    roles.push(tokio::spawn({
         let (config, topology, stop) = (config.clone(), topology.clone(), stop.clone());
         async move { crate::router::run(&config, &topology, stop).await }
-    });
-    println!("demo: router started in-process (group {})", crate::kafka::group_id(&config.kafka, "router"));
+    }));
+    for channel in ["apns", "fcm", "sms", "email"] {
+        roles.push(tokio::spawn({
+            let (config, topology, stop) = (config.clone(), topology.clone(), stop.clone());
+            async move { crate::dispatch::run(&config, &topology, channel, stop).await }
+        }));
+    }
+    println!("demo: router and dispatchers (apns, fcm, sms, email) started in-process");
 
     let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_string();
     let requests = topology.name("requests")?;
@@ -60,6 +85,9 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
     scenario.push((send(request(&run_id, "broken", "alice", "billing", "broken", &[])).await?, "template that needs a param nobody sent".into()));
     let (p, o) = produce(&producer, requests, b"garbage", b"{not avro}").await?;
     scenario.push((format!("dlq:{requests}:{p}:{o}"), "poison bytes on the requests topic".into()));
+    let mut dead = request(&run_id, "dead-token", "carol", "billing", "bill_due", &[("amount", "5.00")]);
+    dead.channels = Some(vec!["push".into()]);
+    scenario.push((send(dead).await?, "push to carol, whose iPhone token APNs says is dead".into()));
     if let Ok(upstream) = topology.name("upstream.orders_shipped") {
         let order = format!("order-{run_id}");
         let value = order_shipped(&order, "alice");
@@ -70,9 +98,27 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
     println!("demo: produced {} records; waiting for the router's outcomes...\n", scenario.len());
 
     let ids: Vec<&str> = scenario.iter().map(|(id, _)| id.as_str()).collect();
-    let seen = watch.until_settled(&ids, Duration::from_secs(60)).await;
+    let seen = watch.until_settled(&ids, Duration::from_secs(90)).await;
     stop.cancel();
-    router.await.context("router task")??;
+    for role in roles {
+        role.await.context("role task")??;
+    }
+    let received: Vec<String> = ["apns", "fcm", "twilio", "vonage", "sendgrid", "mandrill"]
+        .iter()
+        .map(|p| {
+            let (http, url) = (&http, sandbox.url());
+            async move {
+            let n = match http.get(format!("{url}/_sandbox/requests/{p}")).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0),
+                Err(_) => 0,
+            };
+            format!("{p} {n}")
+            }
+        })
+        .collect::<futures::stream::FuturesOrdered<_>>()
+        .collect()
+        .await;
+    sandbox.stop().await.ok();
 
     for (id, what) in &scenario {
         println!("▶ {what}\n  event {id}");
@@ -84,6 +130,17 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
             let reason = o.reason.map(|r| format!(" — {}", truncate(&r, 90))).unwrap_or_default();
             println!("    {:<14} {:<6}{reason}", o.status, o.channel.unwrap_or_default());
         }
+        for o in seen.dispatch.get(id).into_iter().flatten() {
+            let detail = o.provider_message_id.clone().map(|m| format!("id {}", truncate(&m, 40))).or(o.reason.clone()).unwrap_or_default();
+            println!(
+                "    {:<14} {:<6} via {:<8} attempt {} — {}",
+                o.status,
+                o.channel.clone().unwrap_or_default(),
+                o.provider.clone().unwrap_or("-".into()),
+                o.attempt,
+                truncate(&detail, 70)
+            );
+        }
         for d in seen.deliveries.get(id).into_iter().flatten() {
             let c = &d.content;
             let text = c.subject.as_ref().or(c.title.as_ref()).or(c.body.as_ref()).cloned().unwrap_or_default();
@@ -91,11 +148,8 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
             println!("    → {:<5} {:<28} {:?} \"{}\"{sms}", d.channel, truncate(&d.address, 28), d.priority, truncate(&text, 50));
         }
     }
-    println!(
-        "\ndemo: deliveries wait on {} for the dispatchers (not built yet); outcomes are on {} and in the notification_log table.",
-        ["apns", "fcm", "sms", "email"].map(|c| format!("herald.delivery.{c}")).join(", "),
-        topology.name("outcomes")?
-    );
+    println!("\ndemo: requests the sandbox received per provider: {}", received.join(", "));
+    println!("demo: every outcome above is on {} and in the notification_log table.", topology.name("outcomes")?);
     Ok(())
 }
 
@@ -146,8 +200,25 @@ fn truncate(s: &str, n: usize) -> String {
 /// What the demo saw on the output topics.
 #[derive(Default)]
 struct Seen {
+    /// Router outcomes by event id.
     outcomes: HashMap<String, Vec<DeliveryOutcome>>,
+    /// Dispatcher outcomes (sent, retry_scheduled, invalid_address, ...) by event id.
+    dispatch: HashMap<String, Vec<DeliveryOutcome>>,
     deliveries: HashMap<String, Vec<ChannelDelivery>>,
+}
+
+/// Dispatcher outcomes after which nothing more happens to a delivery.
+const FINAL: [&str; 5] = ["sent", "failed", "invalid_address", "dead_lettered", "expired"];
+
+impl Seen {
+    /// Every routed delivery has a final dispatcher outcome.
+    fn dispatched(&self) -> bool {
+        self.outcomes.values().flatten().filter(|o| o.status == "routed").all(|r| {
+            self.dispatch
+                .get(&r.event_id)
+                .is_some_and(|ds| ds.iter().any(|d| d.delivery_id == r.delivery_id && FINAL.contains(&d.status.as_str())))
+        })
+    }
 }
 
 /// Reads the outcome and delivery topics (read_committed) from their current end.
@@ -185,7 +256,7 @@ impl Watch {
         let mut seen = Seen::default();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let all = ids.iter().all(|id| seen.outcomes.contains_key(*id));
+            let all = ids.iter().all(|id| seen.outcomes.contains_key(*id)) && seen.dispatched();
             let quiet = if all { Duration::from_secs(3) } else { Duration::from_secs(10) };
             let next = tokio::time::timeout(quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now())), self.consumer.recv()).await;
             let Ok(Ok(m)) = next else {
@@ -196,7 +267,9 @@ impl Watch {
             };
             if m.topic() == self.outcomes_topic {
                 if let Ok(o) = self.codec.decode::<DeliveryOutcome>(m.payload(), &outcome_schema).await {
-                    seen.outcomes.entry(o.event_id.clone()).or_default().push(o);
+                    let by_dispatcher = o.provider.is_some() || ["retry_scheduled", "dead_lettered"].contains(&o.status.as_str()) || (o.status == "expired" && o.delivery_id.is_some());
+                    let map = if by_dispatcher { &mut seen.dispatch } else { &mut seen.outcomes };
+                    map.entry(o.event_id.clone()).or_default().push(o);
                 }
             } else if let Ok(d) = self.codec.decode::<ChannelDelivery>(m.payload(), &delivery_schema).await {
                 seen.deliveries.entry(d.event_id.clone()).or_default().push(d);
@@ -204,6 +277,9 @@ impl Watch {
         }
     }
 }
+
+/// An iPhone token the demo's sandbox treats as unregistered.
+const DEAD_TOKEN: &str = "deadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeef";
 
 async fn seed_contacts(store: &Store) -> anyhow::Result<()> {
     for (id, email, phone, locale, tz) in [
@@ -232,6 +308,19 @@ async fn seed_contacts(store: &Store) -> anyhow::Result<()> {
             })
             .await?;
     }
+    store
+        .put_user(&User { user_id: "carol".into(), email: None, phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) })
+        .await?;
+    store
+        .put_device(&Device {
+            user_id: "carol".into(),
+            device_id: "carol-0".into(),
+            platform: "ios".into(),
+            token: DEAD_TOKEN.into(),
+            app_id: Some("dev.herald.demo".into()),
+            active: true,
+        })
+        .await?;
     store.put_preference(&Preference { user_id: "bob".into(), channel: "email".into(), category: "marketing".into(), opt_in: false }).await?;
     Ok(())
 }
