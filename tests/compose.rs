@@ -52,7 +52,17 @@ fn herald_services(v: &Value) -> Vec<(String, &Value)> {
 fn has_the_backing_services_and_herald_roles() {
     let v = compose();
     let s = services(&v);
-    for name in ["kafka", "scylla", "registry", "herald-setup"] {
+    for name in [
+        "kafka",
+        "scylla",
+        "registry",
+        "herald-setup",
+        "herald-router",
+        "herald-dispatch-apns",
+        "herald-dispatch-fcm",
+        "herald-dispatch-sms",
+        "herald-dispatch-email",
+    ] {
         assert!(s.contains_key(name), "service {name} missing");
     }
     assert!(s["kafka"]["image"].as_str().unwrap().starts_with("apache/kafka:4."));
