@@ -50,6 +50,27 @@ pub enum Command {
         #[arg(long)]
         channel: String,
     },
+    /// Re-drives dead letters to the topics they came from (or copies a topic's records).
+    Replay {
+        /// Topology id to read.
+        #[arg(long, default_value = "dlq")]
+        from: String,
+        /// Topology id to write to (required unless reading the DLQ).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only DLQ records whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only DLQ records that came from this topology id (e.g. requests).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only records at or after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Count, do not produce.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Pushes sample events end to end and prints what came out.
     Demo {
         /// How many sample events to push.
@@ -120,6 +141,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Router => crate::router::run(&config, &topology, shutdown_on_signal()).await?,
         Command::Dispatch { channel } => crate::dispatch::run(&config, &topology, &channel, shutdown_on_signal()).await?,
+        Command::Replay { from, to, reason, source, since, dry_run } => {
+            let r = crate::replay::Replay { from, to, reason, source, since_ms: since.map(|t| t.timestamp_millis()), dry_run };
+            let report = crate::replay::run(&config, &topology, &r).await.context("replay")?;
+            for (topic, n) in &report.replayed {
+                println!("replay: {n} record(s) {} {topic}", if dry_run { "would go to" } else { "replayed to" });
+            }
+            println!("replay: {} record(s) skipped by the filters", report.skipped);
+        }
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
         Command::Sandbox { listen } => {

@@ -27,6 +27,7 @@
 //!   with circuit breakers, per-provider limits.
 //! - [`sandbox`]: the provider sandbox: local look-alikes of APNs, FCM, Twilio, Vonage,
 //!   SendGrid and Mandrill with a fault-injection control API (`herald sandbox`).
+//! - [`replay`]: re-drives dead letters (or a topic's records) after an incident.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
@@ -40,6 +41,7 @@ pub mod kafka;
 pub mod model;
 pub mod providers;
 pub mod render;
+pub mod replay;
 pub mod router;
 pub mod sandbox;
 pub mod schemas;

@@ -88,7 +88,7 @@ async fn routed_with_fan_out_to_every_device(env: &Env) {
     env.send(&req).await;
     let outcomes = env.wait_outcomes(&req.event_id, WAIT, |os| os.iter().filter(|o| o.status == "routed").count() == 4).await;
     assert_eq!(outcomes.len(), 4, "{:?}", statuses(&outcomes));
-    let deliveries = env.deliveries(&req.event_id);
+    let deliveries = env.wait_deliveries(&req.event_id, 4, WAIT).await;
     let mut channels: Vec<_> = deliveries.iter().map(|d| (d.channel.clone(), d.address.clone())).collect();
     channels.sort();
     assert_eq!(
@@ -122,8 +122,8 @@ async fn duplicate_event_id_is_not_delivered_twice(env: &Env) {
     env.send(&req).await; // a second record with the same event id
     let os = env.wait_outcomes(&req.event_id, WAIT, has("duplicate", None)).await;
     assert_eq!(os.iter().filter(|o| o.status == "routed").count(), 1);
+    let sms = &env.wait_deliveries(&req.event_id, 1, WAIT).await[0];
     assert_eq!(env.deliveries(&req.event_id).len(), 1);
-    let sms = &env.deliveries(&req.event_id)[0];
     assert_eq!(sms.content.body.as_deref(), Some("Your code: 123456"));
     assert_eq!((sms.content.sms_encoding.as_deref(), sms.content.sms_segments), (Some("GSM-7"), Some(1)));
     assert_eq!(sms.priority, Priority::High, "security is high priority");
@@ -204,6 +204,34 @@ async fn template_error_goes_to_the_dlq(env: &Env) {
     assert!(os[0].reason.as_deref().unwrap_or("").contains("missing_param"), "{:?}", os[0].reason);
     wait_dlq(env, |h| h.get("herald-dlq-reason").is_some_and(|r| r.starts_with("template_error") && r.contains("missing_param"))).await;
     assert!(env.deliveries(&req.event_id).is_empty());
+
+    // The operator fixes the template and replays the dead letter: it is routed now, and
+    // dedup recognises the replay as the original record, not as a duplicate.
+    env.store
+        .put_template_content(&herald::store::TemplateContent {
+            template_id: "broken".into(),
+            version: 1,
+            channel: "email".into(),
+            locale: "en".into(),
+            subject: Some("Hi there".into()),
+            html: Some("<p>fixed</p>".into()),
+            text: Some("fixed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
+    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", "broken").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["replay", "--reason", "template_error", "--source", "requests"])
+        .env("HERALD_CONFIG", &env.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 record(s) replayed to"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+    assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
 }
 
 async fn poison_bytes_and_unknown_schema_ids_are_dead_lettered(env: &Env) {
@@ -265,7 +293,7 @@ async fn trigger_mapping_turns_an_upstream_event_into_deliveries(env: &Env) {
     env.send_raw(&topic, Some(order.as_bytes()), &bytes).await;
     let event_id = format!("{topic}:{order}");
     env.wait_outcomes(&event_id, WAIT, |os| os.iter().filter(|o| o.status == "routed").count() == 2).await;
-    let ds = env.deliveries(&event_id);
+    let ds = env.wait_deliveries(&event_id, 2, WAIT).await;
     let push = ds.iter().find(|d| d.channel == "apns").unwrap();
     assert_eq!(push.content.body.as_deref(), Some(format!("Order {order} via DHL").as_str()));
     assert_eq!(push.category, "shipping");
@@ -321,7 +349,7 @@ async fn quiet_hours_hold_then_release() {
     let os = env.wait_outcomes(&req.event_id, Duration::from_secs(120), has("routed", Some("email"))).await;
     let routed = os.iter().find(|o| o.status == "routed").unwrap();
     assert!(routed.occurred_at >= end_at.timestamp_millis() - 1_000, "released {} ms before the window ended", end_at.timestamp_millis() - routed.occurred_at);
-    assert_eq!(env.deliveries(&req.event_id).len(), 1);
+    assert_eq!(env.wait_deliveries(&req.event_id, 1, WAIT).await.len(), 1);
 }
 
 /// SIGKILL the router in the middle of a stream; after a restart the output topics

@@ -35,7 +35,7 @@ use crate::config::{Config, DispatchConfig};
 use crate::error::Classify;
 use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, StageSettings};
 use crate::model::{now_ms, ChannelDelivery, DeliveryOutcome};
-use crate::providers::{Classification, Clients, Provider};
+use crate::providers::{Classification, Clients, Provider, ProviderError};
 use crate::router::policy::outcome_id;
 use crate::router::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
 use crate::store::{Store, StoreError};
@@ -183,11 +183,11 @@ impl Dispatcher {
                 self.outcome(w, "sent", provider, s.provider_message_id.as_deref(), None, s.latency_ms, &mut out, &mut log).await?;
                 return self.finish(out, log).await;
             }
-            Some(s) => {
+            Some(s) if s.state == "attempting" => {
                 events::uncertain_resend(&self.channel, s.provider.as_deref().unwrap_or("-"));
                 tracing::warn!(delivery_id = %d.delivery_id, provider = ?s.provider, "attempted before without a recorded result; sending again");
             }
-            None => {}
+            _ => {}
         }
         let Some(provider) = self.pick(&d.category) else {
             let c = Classification::Transient { reason: "every provider's circuit is open".into() };
@@ -198,14 +198,23 @@ impl Dispatcher {
             .await
             .map_err(store_err)?;
         let started = Instant::now();
-        let classification = {
+        let (classification, known) = {
             let _permit = self.limits[&provider].acquire().await;
             match self.clients.deliver(provider, d).await {
-                Ok(c) => c,
-                Err(e) => e.classification(),
+                Ok(c) => (c, true),
+                // No answer after the request left: the provider may have sent it.
+                Err(e @ (ProviderError::Timeout(_) | ProviderError::Transport(_))) => (e.classification(), false),
+                Err(e) => (e.classification(), true),
             }
         };
         let latency = started.elapsed().as_millis() as i64;
+        if known && !matches!(classification, Classification::Sent { .. }) {
+            // A definite "not sent": a later attempt is not the uncertain window.
+            self.store
+                .put_sent(&d.delivery_id, "not_sent", provider.name(), None, d.attempt, Some(latency))
+                .await
+                .map_err(store_err)?;
+        }
         let signal = match classification {
             Classification::Transient { .. } | Classification::Throttled { .. } => Signal::Failing,
             _ => Signal::Healthy,

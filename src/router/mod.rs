@@ -210,7 +210,9 @@ impl Router {
                 .await
                 .map_err(store_err)?;
             let owner = format!("{}:{}:{}", claim.source_topic, claim.partition, claim.offset);
-            if owner != src.id {
+            // A replayed record (herald replay) stands for the record it copies.
+            let me = header(src.msg, crate::replay::REPLAY_OF_HEADER).unwrap_or_else(|| src.id.clone());
+            if owner != me {
                 self.outcome(src, req, "duplicate", None, None, Some(format!("first seen at {owner}")), out, log).await?;
                 return Ok(Ok(()));
             }

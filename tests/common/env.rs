@@ -212,6 +212,20 @@ impl Env {
         }
     }
 
+    /// Waits until `n` deliveries of `event_id` were collected (outcomes and deliveries are
+    /// different topics, so one can be seen before the other).
+    pub async fn wait_deliveries(&self, event_id: &str, n: usize, within: Duration) -> Vec<ChannelDelivery> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.deliveries(event_id);
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "event {event_id}: {} of {n} deliveries within {within:?}", got.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Reads every output topic from the start, read_committed, into `seen`.
     async fn collect(&self) {
         let consumer: StreamConsumer = herald::kafka::client_config(&self.config.kafka, "collector")
