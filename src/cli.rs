@@ -115,6 +115,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // The demo prints its own report; keep the roles it runs quiet unless asked.
         config.telemetry.log_filter = "warn,scylla=error,herald::telemetry=off".into();
     }
+    if !matches!(cli.command, Command::Router | Command::Dispatch { .. }) {
+        // Only long-running roles serve /metrics; one-shot commands share their config.
+        config.telemetry.metrics_listen = None;
+    }
     crate::telemetry::init(&config.telemetry)?;
     let topology = Topology::load(config.topology.file.as_deref())?;
     match cli.command {

@@ -60,13 +60,14 @@ pub fn render() -> String {
 
 /// Every metric herald emits. One function per event keeps names and labels consistent.
 pub mod events {
-    use metrics::{counter, describe_counter, describe_histogram, histogram};
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
     pub const OUTCOMES: &str = "herald_outcomes_total";
     pub const RECORDS_CONSUMED: &str = "herald_records_consumed_total";
     pub const RECORDS_PRODUCED: &str = "herald_records_produced_total";
     pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
     pub const STAGE_SECONDS: &str = "herald_stage_duration_seconds";
+    pub const CONSUMER_LAG: &str = "herald_consumer_lag";
     pub const UNCERTAIN_RESENDS: &str = "herald_dispatch_uncertain_resends_total";
     pub const BREAKER_CHANGES: &str = "herald_dispatch_breaker_transitions_total";
 
@@ -80,6 +81,7 @@ pub mod events {
             UNCERTAIN_RESENDS,
             "Deliveries found attempted but not recorded as sent (the provider may have accepted them before a crash) and sent again."
         );
+        describe_gauge!(CONSUMER_LAG, "Records waiting per assigned partition (queue depth), by role, topic and partition.");
         describe_counter!(BREAKER_CHANGES, "Provider circuit breaker transitions, by provider and new state.");
     }
 
@@ -111,6 +113,10 @@ pub mod events {
     pub fn breaker(provider: &'static str, state: &'static str) {
         tracing::warn!(provider, state, "provider circuit breaker changed state");
         counter!(BREAKER_CHANGES, "provider" => provider, "state" => state).increment(1);
+    }
+
+    pub fn consumer_lag(role: &'static str, topic: &str, partition: i32, lag: i64) {
+        gauge!(CONSUMER_LAG, "role" => role, "topic" => topic.to_string(), "partition" => partition.to_string()).set(lag as f64);
     }
 
     pub fn stage_time(stage: &'static str, seconds: f64) {

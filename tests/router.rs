@@ -63,7 +63,8 @@ async fn start_router(extra: &str) -> Env {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_paths() {
-    let env = Env::start(CATEGORIES).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let env = Env::start(&format!("{CATEGORIES}\n[telemetry]\nmetrics_listen = \"127.0.0.1:{port}\"\n")).await;
     let crashed = claimed_before_the_crash(&env).await;
     env.spawn("router", &["router"]);
     futures::join!(
@@ -78,6 +79,17 @@ async fn router_paths() {
         trigger_mapping_turns_an_upstream_event_into_deliveries(&env),
         contact_changes_reach_the_cache(&env),
     );
+    // The role's Prometheus endpoint: outcomes by channel/provider/outcome, and queue depth.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+        let ok = text.contains(r#"herald_outcomes_total{channel="email",provider="-",outcome="routed"}"#) && text.contains("herald_consumer_lag{role=\"router\"");
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics missing:\n{text}\n{}", env.log("router").lines().filter(|l| l.contains("stats")).take(6).collect::<Vec<_>>().join("\n"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn routed_with_fan_out_to_every_device(env: &Env) {

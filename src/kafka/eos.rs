@@ -96,10 +96,26 @@ struct Revocations {
 }
 
 struct StageContext {
+    role: &'static str,
     state: Arc<Mutex<Revocations>>,
 }
 
-impl ClientContext for StageContext {}
+impl ClientContext for StageContext {
+    /// librdkafka statistics (every 5 s, delivered while the consumer is polled): consumer
+    /// lag per assigned partition, i.e. the queue depth.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Offsets are committed by the producer's transaction, which the consumer never
+                // sees; the loop stores them locally after each commit for this figure.
+                let lag = if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag };
+                if *partition >= 0 && lag >= 0 {
+                    events::consumer_lag(self.role, topic, *partition, lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for StageContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -136,7 +152,8 @@ pub async fn run<P: Processor>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .create_with_context(StageContext { state: state.clone() })
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(StageContext { role: settings.role, state: state.clone() })
         .map_err(|e| BusError::Config(e.to_string()))?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
@@ -176,6 +193,10 @@ pub async fn run<P: Processor>(
         match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
+                // Local only (auto-commit is off): lets librdkafka report lag from them.
+                if let Ok(offsets) = next_offsets(&batch, &result.holds) {
+                    let _ = consumer.store_offsets(&offsets);
+                }
                 events::consumed(settings.role, "batch", batch.len() as u64);
                 events::produced(settings.role, "batch", result.outputs.len() as u64);
                 for h in &result.holds {
