@@ -4,6 +4,7 @@
 //! scripts/stack up
 //! cargo bench --bench router -- --users 10000 --requests 20000
 //! cargo bench --bench router -- --users 1000000 --requests 20000
+//! cargo bench --bench router -- --users 10000 --requests 20000 --dedup single_writer
 //! ```
 //!
 //! 1. An isolated environment (own topics, keyspace) on the real stack; N users preloaded,
@@ -60,9 +61,10 @@ fn arg(name: &str, default: usize) -> usize {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let users = arg("--users", 10_000);
+    let mode = std::env::args().skip_while(|a| a != "--dedup").nth(1).unwrap_or_else(|| "lwt".into());
     let requests = arg("--requests", 20_000);
-    println!("router bench: {users} users, {requests} requests");
-    let env = Env::start_with(CONFIG, false).await;
+    println!("router bench: {users} users, {requests} requests, dedup {mode}");
+    let env = Env::start_with(&CONFIG.replace("[router]\n", &format!("[router]\ndedup_mode = \"{mode}\"\n")), false).await;
 
     let started = Instant::now();
     futures::stream::iter(0..users)

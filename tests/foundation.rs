@@ -171,6 +171,12 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
     let other = store.claim_event("e1", "herald.requests", 5, 7, ttl).await.unwrap();
     assert_eq!(other, first, "another record with the same event_id sees the first owner");
 
+    // The same semantics without a lightweight transaction (router.dedup_mode = single_writer).
+    let first = store.claim_event_single_writer("e2", "herald.requests", 1, 9, ttl).await.unwrap();
+    assert_eq!(first, DedupClaim { source_topic: "herald.requests".into(), partition: 1, offset: 9 });
+    assert_eq!(store.claim_event_single_writer("e2", "herald.requests", 1, 9, ttl).await.unwrap(), first);
+    assert_eq!(store.claim_event_single_writer("e2", "herald.requests", 4, 1, ttl).await.unwrap(), first);
+
     let outcome = DeliveryOutcome {
         outcome_id: "o1".into(),
         event_id: "e1".into(),

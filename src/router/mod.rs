@@ -204,11 +204,13 @@ impl Router {
         }
 
         if !src.released {
-            let claim = self
-                .store
-                .claim_event(&req.event_id, src.msg.topic(), src.msg.partition(), src.msg.offset(), self.cfg.dedup_ttl)
-                .await
-                .map_err(store_err)?;
+            let (topic, partition, offset) = (src.msg.topic(), src.msg.partition(), src.msg.offset());
+            let claim = if self.cfg.dedup_mode == "single_writer" {
+                self.store.claim_event_single_writer(&req.event_id, topic, partition, offset, self.cfg.dedup_ttl).await
+            } else {
+                self.store.claim_event(&req.event_id, topic, partition, offset, self.cfg.dedup_ttl).await
+            }
+            .map_err(store_err)?;
             let owner = format!("{}:{}:{}", claim.source_topic, claim.partition, claim.offset);
             // A replayed record (herald replay) stands for the record it copies.
             let me = header(src.msg, crate::replay::REPLAY_OF_HEADER).unwrap_or_else(|| src.id.clone());
