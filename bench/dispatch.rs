@@ -51,7 +51,7 @@ async fn main() {
         .replace("http://127.0.0.1:8090", &url)
         .replace("\"sandbox/dev-keys", &format!("\"{keys}"))
         .replace("listen = \"127.0.0.1:8090\"", "listen = \"127.0.0.1:0\"")
-        + "\n[dispatch]\nbatch_max = 1000\nconcurrency = 512\n[dispatch.limits.sendgrid]\nconcurrency = 512\nrate_per_sec = 100000.0\n";
+        + "\n[dispatch]\nbatch_max = 1000\nconcurrency = 1000\n[dispatch.limits.sendgrid]\nconcurrency = 1000\nrate_per_sec = 100000.0\n";
     let env = Env::start_with(&config, false).await;
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
 

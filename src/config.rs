@@ -420,7 +420,9 @@ impl Default for DispatchConfig {
             batch_max: 500,
             batch_wait_ms: 20,
             transaction_timeout_ms: 30_000,
-            concurrency: 256,
+            // At least batch_max: a whole batch's provider calls overlap, so provider latency
+            // costs one round trip per batch, not several.
+            concurrency: 500,
             jitter: 0.2,
             routes: BTreeMap::from([
                 ("apns".to_string(), order(&["apns"])),
@@ -434,7 +436,7 @@ impl Default for DispatchConfig {
                 ("vonage".to_string(), ProviderLimit { concurrency: 30, rate_per_sec: 30.0 }),
                 ("twilio".to_string(), ProviderLimit { concurrency: 100, rate_per_sec: 100.0 }),
             ]),
-            default_limit: ProviderLimit { concurrency: 200, rate_per_sec: 5_000.0 },
+            default_limit: ProviderLimit { concurrency: 500, rate_per_sec: 5_000.0 },
             breaker_failures: 5,
             breaker_open_for: Duration::from_secs(30),
         }
