@@ -69,7 +69,7 @@ async fn main() {
     let started = Instant::now();
     futures::stream::iter(0..users)
         .map(|i| preload(&env, i))
-        .buffer_unordered(256)
+        .buffer_unordered(64)
         .collect::<Vec<_>>()
         .await;
     println!("preloaded {users} users in {:.1} s", started.elapsed().as_secs_f64());
@@ -122,29 +122,38 @@ async fn main() {
     println!("router peak RSS (VmHWM) = {:.1} MiB with {users} users", hwm_kb as f64 / 1024.0);
 }
 
+/// Retries a store write that timed out (the preload saturates Cassandra on purpose).
+async fn retry<F, Fut>(f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), herald::store::StoreError>>,
+{
+    for attempt in 0.. {
+        match f().await {
+            Ok(()) => return,
+            Err(e) if attempt < 10 && herald::error::Classify::is_retryable(&e) => tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await,
+            Err(e) => panic!("preload: {e}"),
+        }
+    }
+}
+
 async fn preload(env: &Env, i: usize) {
     let id = format!("u{i}");
-    env.store
-        .put_user(&User { user_id: id.clone(), email: Some(format!("{id}@example.com")), phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) })
-        .await
-        .unwrap();
+    let user = User { user_id: id.clone(), email: Some(format!("{id}@example.com")), phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) };
+    retry(|| env.store.put_user(&user)).await;
     for (n, platform) in ["ios", "android"].iter().enumerate() {
-        env.store
-            .put_device(&Device {
-                user_id: id.clone(),
-                device_id: format!("{id}-{n}"),
-                platform: platform.to_string(),
-                token: format!("{id}-token-{platform}"),
-                app_id: None,
-                active: true,
-            })
-            .await
-            .unwrap();
+        let device = Device {
+            user_id: id.clone(),
+            device_id: format!("{id}-{n}"),
+            platform: platform.to_string(),
+            token: format!("{id}-token-{platform}"),
+            app_id: None,
+            active: true,
+        };
+        retry(|| env.store.put_device(&device)).await;
     }
-    env.store
-        .put_preference(&Preference { user_id: id, channel: "sms".into(), category: "bench".into(), opt_in: false })
-        .await
-        .unwrap();
+    let pref = Preference { user_id: id, channel: "sms".into(), category: "bench".into(), opt_in: false };
+    retry(|| env.store.put_preference(&pref)).await;
 }
 
 /// Consumes `n` records from `topic` and produces each to a scratch topic, as fast as
