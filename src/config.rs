@@ -67,6 +67,7 @@ pub struct Config {
     pub topology: TopologyConfig,
     pub telemetry: TelemetryConfig,
     pub router: RouterConfig,
+    pub api: crate::api::config::ApiConfig,
 }
 
 /// Kafka connection settings shared by every role.
@@ -504,6 +505,7 @@ impl Config {
         if r.batch_max == 0 || r.concurrency == 0 {
             return bad("router.batch_max and router.concurrency must be > 0");
         }
+        self.api.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
@@ -670,12 +672,13 @@ mod tests {
                 ("HERALD__STORE__PASSWORD", "hunter2"),
                 ("HERALD__KAFKA__SASL_PASSWORD", "s3cret"),
                 ("HERALD__REGISTRY__PASSWORD", "pw-registry"),
+                ("HERALD__API__TWILIO_AUTH_TOKEN", "tw-token"),
             ]),
         )
         .unwrap();
         assert_eq!(c.store.password.expose(), "hunter2");
         let printed = format!("{c:?} {c:#?}");
-        for s in ["hunter2", "s3cret", "pw-registry"] {
+        for s in ["hunter2", "s3cret", "pw-registry", "tw-token"] {
             assert!(!printed.contains(s), "{s} leaked");
         }
         assert!(printed.contains("<redacted>"));

@@ -21,9 +21,13 @@
 //! - [`telemetry`]: tracing, the Prometheus recorder and every metric name.
 //! - [`router`]: the router role (dedup, enrich, preferences, throttle, quiet hours,
 //!   templates, emit) over [`kafka::eos`], the exactly-once stage loop.
+//! - [`api`]: `herald api`, the HTTP front door (axum): signed app requests (send,
+//!   contacts, templates, notification log), tracking pixel/redirect, provider webhooks,
+//!   health and metrics, OpenAPI at `/openapi.json`; `herald apps` manages app keys.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
+pub mod api;
 pub mod cli;
 pub mod codec;
 pub mod config;

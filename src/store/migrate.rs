@@ -37,6 +37,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "003_throttle",
         cql: include_str!("../../cql/003_throttle.cql"),
     },
+    Migration {
+        version: 4,
+        name: "004_dispatch",
+        cql: include_str!("../../cql/004_dispatch.cql"),
+    },
+    Migration {
+        version: 5,
+        name: "005_api",
+        cql: include_str!("../../cql/005_api.cql"),
+    },
 ];
 
 impl Migration {
