@@ -379,13 +379,13 @@ async fn rotation_and_revocation(api: &Api) {
     let v: Value = serde_json::from_str(&api.apps(&["rotate", &c.key, "--json"])).unwrap();
     let rotated = Client { secret: v["secret"].as_str().unwrap().into(), ..c.clone() };
     assert_ne!(rotated.secret, c.secret);
-    tokio::time::sleep(Duration::from_millis(1200)).await; // app cache TTL
+    settle(&c).await;
     assert_eq!(rotated.call("GET", "/v1/templates", None).await.status, StatusCode::OK, "new secret works");
     assert_eq!(c.call("GET", "/v1/templates", None).await.status, StatusCode::OK, "old secret works during the grace period");
     let listed = api.apps(&["list"]);
     assert!(listed.contains(&c.key) && !listed.contains(&c.secret) && !listed.contains(&rotated.secret));
     api.apps(&["revoke", &c.key]);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    settle(&c).await;
     let a = rotated.call("GET", "/v1/templates", None).await;
     assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "invalid_signature"));
     // Stored encrypted: neither secret is in the table.
@@ -393,6 +393,14 @@ async fn rotation_and_revocation(api: &Api) {
     let (enc, prev): (Option<String>, Option<String>) = rows.into_rows_result().unwrap().first_row().unwrap();
     let (enc, prev) = (enc.unwrap(), prev.unwrap());
     assert!(!enc.contains(&rotated.secret) && !prev.contains(&c.secret) && enc.len() > 40);
+}
+
+/// Waits out the app cache TTL (1 s here): the first call after it is still answered from
+/// the stale entry while the refresh runs; shortly after, the refreshed one is in use.
+async fn settle(c: &Client) {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _ = c.call("GET", "/v1/templates", None).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
 }
 
 async fn scopes_and_categories(api: &Api) {

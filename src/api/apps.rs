@@ -14,7 +14,6 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use moka::future::Cache;
 use rand::RngCore;
 
 use super::auth::Scope;
@@ -113,28 +112,28 @@ impl App {
     }
 }
 
-/// Cached, decrypted lookup of apps by key.
+/// Cached, decrypted lookup of apps by key (refreshed in the background every
+/// `api.app_cache_ttl`, so revocations and rotations apply within about that time).
 pub struct Apps {
     store: Arc<ApiStore>,
     secrets: SecretBox,
-    cache: Cache<String, Option<Arc<App>>>,
+    cache: super::cache::Refreshing<Option<Arc<App>>>,
 }
 
 impl Apps {
     pub fn new(store: Arc<ApiStore>, secrets: SecretBox, ttl: Duration) -> Apps {
-        Apps { store, secrets, cache: Cache::builder().max_capacity(10_000).time_to_live(ttl).build() }
+        Apps { store, secrets, cache: super::cache::Refreshing::new(10_000, ttl) }
     }
 
     /// The app, if it exists and is not revoked (unknown keys are cached too).
     pub async fn get(&self, key: &str) -> Result<Option<Arc<App>>, StoreError> {
-        let (store, secrets) = (&self.store, &self.secrets);
+        let (store, secrets, k) = (self.store.clone(), self.secrets.clone(), key.to_string());
         self.cache
-            .try_get_with(key.to_string(), async move {
-                let row = store.app(key).await?;
-                Ok::<_, StoreError>(row.and_then(|r| App::from_row(r, secrets)).map(Arc::new))
+            .get(key, move || {
+                let (store, secrets, k) = (store.clone(), secrets.clone(), k.clone());
+                async move { Ok(store.app(&k).await?.and_then(|r| App::from_row(r, &secrets)).map(Arc::new)) }
             })
             .await
-            .map_err(|e| StoreError::Query { op: "get app", detail: e.to_string(), retryable: true })
     }
 }
 

@@ -25,7 +25,6 @@
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 pub const HEADER_KEY: &str = "x-herald-key";
@@ -220,20 +219,59 @@ pub fn sign_request(
 
 /// Signatures seen within the tolerance window, per app: a second use is a replay.
 ///
+/// A signature covers its timestamp, so a replay carries the same timestamp: entries are
+/// kept in one set per minute of request timestamp and a minute is dropped once every
+/// timestamp in it is outside the window (exact, no eviction under load). Sharded to keep
+/// lock hold times short; entries are 64-bit keyed hashes of (app key, signature).
+///
 /// In-process: with several API replicas, route by `X-Herald-Key` (or accept that a replay
-/// could land on another replica once). Bounded; entries expire after twice the tolerance.
+/// could land on another replica once). When `max_entries` are held, new requests are
+/// refused (fail closed) until old minutes expire.
 pub struct ReplayCache {
-    seen: Cache<String, ()>,
+    tolerance: i64,
+    max_per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<i64, std::collections::HashSet<u64>>>>,
+}
+
+/// Why the replay cache refused a signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Used before: a replay.
+    Again,
+    /// The cache is full; refuse rather than forget.
+    Full,
 }
 
 impl ReplayCache {
+    const SHARDS: usize = 16;
+
     pub fn new(tolerance: Duration, max_entries: u64) -> ReplayCache {
-        ReplayCache { seen: Cache::builder().max_capacity(max_entries).time_to_live(tolerance * 2 + Duration::from_secs(1)).build() }
+        ReplayCache {
+            tolerance: tolerance.as_secs() as i64,
+            max_per_shard: (max_entries as usize / Self::SHARDS).max(1),
+            hasher: Default::default(),
+            shards: (0..Self::SHARDS).map(|_| Default::default()).collect(),
+        }
     }
 
-    /// Records the signature; `false` when it was already recorded (a replay).
-    pub async fn first_use(&self, key: &str, signature: &str) -> bool {
-        self.seen.entry(format!("{key}:{signature}")).or_insert(()).await.is_fresh()
+    /// Records the signature of a request stamped `timestamp` (already checked fresh
+    /// against `now`); `Err` when it was seen before or the cache is full.
+    pub fn first_use(&self, key: &str, signature: &str, timestamp: i64, now: i64) -> Result<(), Seen> {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one((key, signature));
+        let minute = timestamp.div_euclid(60);
+        let mut shard = self.shards[(h % Self::SHARDS as u64) as usize].lock().expect("replay cache lock");
+        // A minute is needed while some timestamp in it can still be fresh.
+        shard.retain(|m, _| (m + 1) * 60 + self.tolerance >= now);
+        if shard.values().map(|s| s.len()).sum::<usize>() >= self.max_per_shard {
+            return Err(Seen::Full);
+        }
+        if shard.entry(minute).or_default().insert(h) {
+            Ok(())
+        } else {
+            Err(Seen::Again)
+        }
     }
 }
 
@@ -290,12 +328,26 @@ mod tests {
         assert!(!fresh(i64::MIN, 0, t) && !fresh(i64::MAX, 0, t));
     }
 
-    #[tokio::test]
-    async fn a_signature_is_accepted_once() {
-        let c = ReplayCache::new(Duration::from_secs(300), 100);
-        assert!(c.first_use("hk_1", "ab").await);
-        assert!(!c.first_use("hk_1", "ab").await);
-        assert!(c.first_use("hk_2", "ab").await, "per app");
+    #[test]
+    fn a_signature_is_accepted_once_within_the_window() {
+        let c = ReplayCache::new(Duration::from_secs(300), 1000);
+        let now = 1_700_000_000;
+        assert_eq!(c.first_use("hk_1", "ab", now, now), Ok(()));
+        assert_eq!(c.first_use("hk_1", "ab", now, now + 299), Err(Seen::Again));
+        assert_eq!(c.first_use("hk_2", "ab", now, now), Ok(()), "per app");
+        // Once the timestamp is out of the window its minute is dropped (the request would
+        // be refused as stale before reaching the cache anyway).
+        assert_eq!(c.first_use("hk_1", "ab", now, now + 361), Ok(()), "forgotten once its minute left the window");
+        assert_eq!(c.first_use("hk_1", "ab", now, now + 300), Err(Seen::Again));
+    }
+
+    #[test]
+    fn a_full_cache_fails_closed() {
+        let c = ReplayCache::new(Duration::from_secs(300), 16);
+        let now = 1_700_000_000;
+        let results: Vec<_> = (0..200).map(|i| c.first_use("hk", &format!("sig{i}"), now, now)).collect();
+        assert!(results.contains(&Err(Seen::Full)));
+        assert!(!results.contains(&Err(Seen::Again)));
     }
 
     proptest! {

@@ -27,6 +27,9 @@ pub struct ApiConfig {
     pub encryption_key: Secret,
     /// How far a request's `X-Herald-Timestamp` may be from the server's clock, in seconds.
     pub timestamp_tolerance_secs: u64,
+    /// Signatures remembered for replay detection at most (about 40 bytes each); when full,
+    /// signed requests are refused (503) until old ones leave the window.
+    pub replay_cache_max_entries: u64,
     /// Largest accepted request body, in bytes (413 above).
     pub max_body_bytes: usize,
     /// At most this many template params per request, each value at most
@@ -78,6 +81,7 @@ impl Default for ApiConfig {
             public_base_url: "http://127.0.0.1:8080".into(),
             encryption_key: Secret::new(DEV_ENCRYPTION_KEY),
             timestamp_tolerance_secs: 300,
+            replay_cache_max_entries: 10_000_000,
             max_body_bytes: 256 * 1024,
             max_params: 50,
             max_param_bytes: 2048,

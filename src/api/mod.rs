@@ -7,6 +7,7 @@
 //!   helper), the replay cache, scopes.
 //! - [`apps`]: apps, their encrypted secrets and the `herald apps` operations.
 //! - [`ratelimit`]: per-app token buckets (429 + Retry-After).
+//! - [`cache`]: read-through caches refreshed in the background (apps, templates).
 //! - [`validate`]: email, E.164 phone, push tokens, ids, params limits.
 //! - [`notifications`]: `POST /v1/notifications` (+ batch), `GET /v1/notifications/{id}`.
 //! - [`contacts`]: users, devices, preferences; changes announced on the changes topic.
@@ -22,6 +23,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod contacts;
 pub mod notifications;
@@ -110,7 +112,7 @@ impl ApiState {
             .map_err(|e| BusError::Config(e.to_string()))?;
         Ok(ApiState {
             apps: Apps::new(api_store.clone(), SecretBox::new(&key), cfg.app_cache_ttl),
-            replay: ReplayCache::new(Duration::from_secs(cfg.timestamp_tolerance_secs), 2_000_000),
+            replay: ReplayCache::new(Duration::from_secs(cfg.timestamp_tolerance_secs), cfg.replay_cache_max_entries),
             limiter: RateLimiter::new(cfg.rate_limit_per_second, cfg.rate_limit_burst),
             templates: templates::TemplateCache::new(store.clone(), cfg.template_cache_ttl),
             categories: config.router.categories.clone(),
@@ -269,8 +271,13 @@ async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next)
         (true, Some(app)) => app,
         _ => return Err(refuse(AuthError::BadSignature)),
     };
-    if !st.replay.first_use(&app.key, &h.signature).await {
-        return Err(refuse(AuthError::Replayed));
+    match st.replay.first_use(&app.key, &h.signature, h.timestamp, now.timestamp()) {
+        Ok(()) => {}
+        Err(auth::Seen::Again) => return Err(refuse(AuthError::Replayed)),
+        Err(auth::Seen::Full) => {
+            tracing::warn!("replay cache full; refusing signed requests until old entries expire");
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; retry later"));
+        }
     }
     if let Err(wait) = st.limiter.admit(&app.key, app.rate_limit) {
         events::api_rate_limited();

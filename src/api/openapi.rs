@@ -42,7 +42,7 @@ fn op(summary: &str, scope: Option<&str>, request: Option<&str>, params: &[&str]
     let mut v = json!({ "summary": summary });
     if let Some(s) = scope {
         v["description"] = json!(format!("Needs scope `{s}` (or `admin`)."));
-        v["security"] = json!([{ "HeraldKey": [], "HeraldTimestamp": [], "HeraldSignature": [], "HeraldNonce": [] }]);
+        v["security"] = json!([{ "HeraldKey": [], "HeraldTimestamp": [], "HeraldSignature": [] }]);
         for (k, e) in signed_errors() {
             all.entry(k).or_insert(e);
         }
@@ -256,7 +256,7 @@ pub fn document() -> Value {
 pub fn response_properties(doc: &Value, path: &str, method: &str, status: &str) -> Option<Vec<String>> {
     let schema = doc.pointer(&format!("/paths/{}/{method}/responses/{status}/content/application~1json/schema", path.replace('~', "~0").replace('/', "~1")))?;
     let schema = match schema.get("$ref").and_then(Value::as_str) {
-        Some(r) => doc.pointer(&r.trim_start_matches('#').to_string())?,
+        Some(r) => doc.pointer(r.trim_start_matches('#'))?,
         None => schema,
     };
     Some(schema.get("properties")?.as_object()?.keys().cloned().collect())

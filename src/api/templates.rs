@@ -16,7 +16,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use moka::future::Cache;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -33,28 +32,31 @@ pub struct LoadedTemplate {
     pub compiled: Result<CompiledTemplate, String>,
 }
 
-/// Read-through cache of live templates (short TTL; this process's own writes invalidate).
+/// Read-through cache of live templates (refreshed in the background every
+/// `api.template_cache_ttl`; this process's own writes invalidate at once).
 pub struct TemplateCache {
     store: Arc<Store>,
-    cache: Cache<String, Arc<Option<LoadedTemplate>>>,
+    cache: super::cache::Refreshing<Arc<Option<LoadedTemplate>>>,
 }
 
 impl TemplateCache {
     pub fn new(store: Arc<Store>, ttl: Duration) -> TemplateCache {
-        TemplateCache { store, cache: Cache::builder().max_capacity(10_000).time_to_live(ttl).build() }
+        TemplateCache { store, cache: super::cache::Refreshing::new(10_000, ttl) }
     }
 
     pub async fn get(&self, id: &str) -> Result<Arc<Option<LoadedTemplate>>, StoreError> {
-        let store = &self.store;
+        let (store, id_owned) = (self.store.clone(), id.to_string());
         self.cache
-            .try_get_with(id.to_string(), async move {
-                let Some(meta) = store.template(id).await? else { return Ok::<_, StoreError>(Arc::new(None)) };
-                let contents = store.template_contents(id, meta.current_version).await?;
-                let compiled = CompiledTemplate::compile(&meta, &contents).map_err(|e| e.to_string());
-                Ok(Arc::new(Some(LoadedTemplate { meta, contents, compiled })))
+            .get(id, move || {
+                let (store, id) = (store.clone(), id_owned.clone());
+                async move {
+                    let Some(meta) = store.template(&id).await? else { return Ok(Arc::new(None)) };
+                    let contents = store.template_contents(&id, meta.current_version).await?;
+                    let compiled = CompiledTemplate::compile(&meta, &contents).map_err(|e| e.to_string());
+                    Ok(Arc::new(Some(LoadedTemplate { meta, contents, compiled })))
+                }
             })
             .await
-            .map_err(|e| StoreError::Query { op: "load template", detail: e.to_string(), retryable: true })
     }
 
     pub async fn invalidate(&self, id: &str) {

@@ -63,7 +63,7 @@ pub fn phone(field: &str, v: &str) -> Result<String, FieldError> {
 pub fn push_token(field: &str, platform: &str, token: &str) -> Result<(), FieldError> {
     match platform {
         "ios" => {
-            let ok = (64..=200).contains(&token.len()) && token.len() % 2 == 0 && token.bytes().all(|b| b.is_ascii_hexdigit());
+            let ok = (64..=200).contains(&token.len()) && token.len().is_multiple_of(2) && token.bytes().all(|b| b.is_ascii_hexdigit());
             ok.then_some(()).ok_or_else(|| FieldError::new(field, "is not an APNs device token (hex, 64 characters or more)"))
         }
         "android" | "web" => {
