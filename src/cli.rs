@@ -71,6 +71,13 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The HTTP API: signed app requests, tracking, provider webhooks (listens on api.listen).
+    Api,
+    /// Apps that may call the HTTP API (keys, scopes, secrets).
+    Apps {
+        #[command(subcommand)]
+        action: AppsAction,
+    },
     /// Pushes sample events end to end and prints what came out.
     Demo {
         /// How many sample events to push.
@@ -100,6 +107,41 @@ pub enum TopologyAction {
     Apply,
     /// Reports what apply would change; exit 2 if anything differs.
     Plan,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsAction {
+    /// Creates an app and prints its key and secret (the secret is shown only here).
+    Create {
+        /// A human name (which service this is).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: send, contacts, templates, status, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Limit `send` to these categories (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        categories: Vec<String>,
+        /// Requests per second for this app (default: api.rate_limit_per_second).
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists apps (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Gives an app a new secret; the old one works for api.rotation_grace more.
+    Rotate {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes an app for good.
+    Revoke { key: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +195,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("replay: {} record(s) skipped by the filters", report.skipped);
         }
+        Command::Api => crate::api::run(&config, &topology, shutdown_on_signal()).await?,
+        Command::Apps { action } => apps_cmd(&config, action).await?,
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
         Command::Sandbox { listen } => {
@@ -180,6 +224,52 @@ pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
         t.cancel();
     });
     token
+}
+
+async fn apps_cmd(config: &Config, action: AppsAction) -> anyhow::Result<()> {
+    use crate::api::apps;
+    let key = config.api.encryption_key_bytes().map_err(anyhow::Error::msg)?;
+    let secrets = apps::SecretBox::new(&key);
+    let store = crate::store::Store::open(&config.store).await.context("opening the store (did `herald setup` run?)")?;
+    let api_store = crate::api::store::ApiStore::prepare(store.session.clone(), &config.store.keyspace).await?;
+    let print_creds = |c: &apps::Credentials, json: bool| {
+        if json {
+            println!("{}", serde_json::json!({ "key": c.key, "secret": c.secret.expose() }));
+        } else {
+            println!("key:    {}\nsecret: {}\n(store the secret now: it is not shown again)", c.key, c.secret.expose());
+        }
+    };
+    match action {
+        AppsAction::Create { name, scopes, categories, rate_limit, json } => {
+            let scopes = apps::parse_scopes(&scopes).map_err(anyhow::Error::msg)?;
+            for c in &categories {
+                anyhow::ensure!(config.router.categories.contains_key(c), "unknown category '{c}'");
+            }
+            let c = apps::create(&api_store, &secrets, &name, &scopes, &categories.into_iter().collect(), rate_limit).await?;
+            print_creds(&c, json);
+        }
+        AppsAction::List { json } => {
+            let list = apps::list(&api_store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for a in list {
+                    let state = if a.revoked_at.is_some() { "revoked" } else { "active" };
+                    let cats = if a.categories.is_empty() { "all".to_string() } else { a.categories.join(",") };
+                    println!("{}  {:<8} {:<24} scopes={} categories={}", a.key, state, a.name, a.scopes.join(","), cats);
+                }
+            }
+        }
+        AppsAction::Rotate { key, json } => {
+            let c = apps::rotate(&api_store, &secrets, &key, config.api.rotation_grace).await?;
+            print_creds(&c, json);
+        }
+        AppsAction::Revoke { key } => {
+            apps::revoke(&api_store, &key).await?;
+            println!("revoked {key} (API processes stop accepting it within {})", crate::config::duration::format(&config.api.app_cache_ttl));
+        }
+    }
+    Ok(())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

@@ -72,6 +72,7 @@ pub struct Config {
     pub providers: crate::providers::ProvidersConfig,
     /// The provider sandbox (`herald sandbox`): what it listens on and accepts.
     pub sandbox: crate::sandbox::SandboxConfig,
+    pub api: crate::api::config::ApiConfig,
 }
 
 /// Kafka connection settings shared by every role.
@@ -595,6 +596,7 @@ impl Config {
         if !(0.0..1.0).contains(&d.jitter) {
             return bad("dispatch.jitter must be in [0, 1)");
         }
+        self.api.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
@@ -761,12 +763,13 @@ mod tests {
                 ("HERALD__STORE__PASSWORD", "hunter2"),
                 ("HERALD__KAFKA__SASL_PASSWORD", "s3cret"),
                 ("HERALD__REGISTRY__PASSWORD", "pw-registry"),
+                ("HERALD__API__TWILIO_AUTH_TOKEN", "tw-token"),
             ]),
         )
         .unwrap();
         assert_eq!(c.store.password.expose(), "hunter2");
         let printed = format!("{c:?} {c:#?}");
-        for s in ["hunter2", "s3cret", "pw-registry"] {
+        for s in ["hunter2", "s3cret", "pw-registry", "tw-token"] {
             assert!(!printed.contains(s), "{s} leaked");
         }
         assert!(printed.contains("<redacted>"));

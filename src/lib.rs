@@ -28,9 +28,13 @@
 //! - [`sandbox`]: the provider sandbox: local look-alikes of APNs, FCM, Twilio, Vonage,
 //!   SendGrid and Mandrill with a fault-injection control API (`herald sandbox`).
 //! - [`replay`]: re-drives dead letters (or a topic's records) after an incident.
+//! - [`api`]: `herald api`, the HTTP front door (axum): signed app requests (send,
+//!   contacts, templates, notification log), tracking pixel/redirect, provider webhooks,
+//!   health and metrics, OpenAPI at `/openapi.json`; `herald apps` manages app keys.
 //! - [`cli`]: the `herald` command line; each role is a subcommand.
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
+pub mod api;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -70,6 +70,13 @@ pub mod events {
     pub const CONSUMER_LAG: &str = "herald_consumer_lag";
     pub const UNCERTAIN_RESENDS: &str = "herald_dispatch_uncertain_resends_total";
     pub const BREAKER_CHANGES: &str = "herald_dispatch_breaker_transitions_total";
+    pub const API_REQUESTS: &str = "herald_api_requests_total";
+    pub const API_REQUEST_SECONDS: &str = "herald_api_request_duration_seconds";
+    pub const API_AUTH_FAILURES: &str = "herald_api_auth_failures_total";
+    pub const API_RATE_LIMITED: &str = "herald_api_rate_limited_total";
+    pub const API_WEBHOOK_REJECTED: &str = "herald_api_webhook_rejected_total";
+    pub const API_WEBHOOK_UNMATCHED: &str = "herald_api_webhook_unmatched_total";
+    pub const API_TRACKING: &str = "herald_api_tracking_hits_total";
 
     pub(super) fn describe() {
         describe_counter!(OUTCOMES, "Outcome events emitted, by channel, provider and outcome.");
@@ -83,6 +90,13 @@ pub mod events {
         );
         describe_gauge!(CONSUMER_LAG, "Records waiting per assigned partition (queue depth), by role, topic and partition.");
         describe_counter!(BREAKER_CHANGES, "Provider circuit breaker transitions, by provider and new state.");
+        describe_counter!(API_REQUESTS, "HTTP API answers, by route template and status code.");
+        describe_histogram!(API_REQUEST_SECONDS, "HTTP API request duration, by route template.");
+        describe_counter!(API_AUTH_FAILURES, "Refused API signatures, by reason (stable error code).");
+        describe_counter!(API_RATE_LIMITED, "API requests refused with 429.");
+        describe_counter!(API_WEBHOOK_REJECTED, "Provider webhooks refused for their signature, by provider and reason.");
+        describe_counter!(API_WEBHOOK_UNMATCHED, "Webhook events whose message matched no known delivery, by provider.");
+        describe_counter!(API_TRACKING, "Tracking pixel and click hits, by result (opened, clicked, invalid, unmatched).");
     }
 
     /// An outcome event was emitted.
@@ -121,5 +135,35 @@ pub mod events {
 
     pub fn stage_time(stage: &'static str, seconds: f64) {
         histogram!(STAGE_SECONDS, "stage" => stage).record(seconds);
+    }
+
+    /// An HTTP API answer (`route` is the matched route template, bounded).
+    pub fn api_request(route: &str, status: u16, seconds: f64) {
+        counter!(API_REQUESTS, "route" => route.to_string(), "status" => status.to_string()).increment(1);
+        histogram!(API_REQUEST_SECONDS, "route" => route.to_string()).record(seconds);
+    }
+
+    /// A signature refused (`reason` is the stable error code).
+    pub fn api_auth_failure(reason: &'static str) {
+        counter!(API_AUTH_FAILURES, "reason" => reason).increment(1);
+    }
+
+    pub fn api_rate_limited() {
+        counter!(API_RATE_LIMITED).increment(1);
+    }
+
+    /// A provider webhook refused for its signature: logged (an attack or a misconfigured
+    /// secret) and counted.
+    pub fn webhook_rejected(provider: &'static str, reason: &'static str) {
+        tracing::warn!(provider, reason, "webhook signature rejected");
+        counter!(API_WEBHOOK_REJECTED, "provider" => provider, "reason" => reason).increment(1);
+    }
+
+    pub fn webhook_unmatched(provider: &'static str) {
+        counter!(API_WEBHOOK_UNMATCHED, "provider" => provider).increment(1);
+    }
+
+    pub fn api_tracking(result: &str) {
+        counter!(API_TRACKING, "result" => result.to_string()).increment(1);
     }
 }

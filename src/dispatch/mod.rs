@@ -242,10 +242,22 @@ impl Dispatcher {
         match plan::next(&c, d.attempt, &levels, jitter) {
             Next::Sent { message_id } => {
                 let p = provider.expect("sent through a provider");
-                self.store
-                    .put_sent(&d.delivery_id, "sent", p.name(), Some(&message_id), d.attempt, latency)
-                    .await
-                    .map_err(store_err)?;
+                // The provider's id → delivery, for webhooks and the API's notification log.
+                let by_message_id = crate::store::ProviderMessage {
+                    provider: p.name().to_string(),
+                    provider_message_id: message_id.clone(),
+                    delivery_id: d.delivery_id.clone(),
+                    event_id: d.event_id.clone(),
+                    user_id: d.user_id.clone(),
+                    channel: d.channel.clone(),
+                    category: d.category.clone(),
+                    sent_at: now_ms(),
+                };
+                tokio::try_join!(
+                    self.store.put_sent(&d.delivery_id, "sent", p.name(), Some(&message_id), d.attempt, latency),
+                    self.store.put_provider_message(&by_message_id),
+                )
+                .map_err(store_err)?;
                 self.outcome(w, "sent", Some(p), Some(&message_id), None, latency, &mut out, &mut log).await?;
             }
             Next::Deactivate { reason } => {

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "004_dispatch",
         cql: include_str!("../../cql/004_dispatch.cql"),
     },
+    Migration {
+        version: 5,
+        name: "005_api",
+        cql: include_str!("../../cql/005_api.cql"),
+    },
 ];
 
 impl Migration {

@@ -172,6 +172,22 @@ pub struct TemplateContent {
     pub data: Option<HashMap<String, String>>,
 }
 
+/// A sent message: the provider's id for it and the delivery it carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderMessage {
+    /// `twilio` | `vonage` | `sendgrid` | `mandrill` | `apns` | `fcm`.
+    pub provider: String,
+    pub provider_message_id: String,
+    pub delivery_id: String,
+    pub event_id: String,
+    pub user_id: String,
+    /// Delivery channel: `apns` | `fcm` | `sms` | `email`.
+    pub channel: String,
+    pub category: String,
+    /// Epoch milliseconds.
+    pub sent_at: i64,
+}
+
 /// Who first claimed an event id.
 #[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
 pub struct DedupClaim {
@@ -258,6 +274,13 @@ pub struct Store {
     set_email_active: PreparedStatement,
     set_phone_active: PreparedStatement,
     contact_health: PreparedStatement,
+    del_user: PreparedStatement,
+    del_devices_of: PreparedStatement,
+    del_device: PreparedStatement,
+    del_token_owner: PreparedStatement,
+    del_preferences_of: PreparedStatement,
+    put_provider_message: PreparedStatement,
+    put_delivery_ref: PreparedStatement,
 }
 
 impl Store {
@@ -333,6 +356,13 @@ impl Store {
             set_email_active: p(&format!("UPDATE {ks}.users SET email_active = ? WHERE user_id = ?")).await?,
             set_phone_active: p(&format!("UPDATE {ks}.users SET phone_active = ? WHERE user_id = ?")).await?,
             contact_health: p("SELECT email_active, phone_active FROM users WHERE user_id = ?").await?,
+            del_user: p("DELETE FROM users WHERE user_id = ?").await?,
+            del_devices_of: p("DELETE FROM devices WHERE user_id = ?").await?,
+            del_device: p("DELETE FROM devices WHERE user_id = ? AND device_id = ?").await?,
+            del_token_owner: p("DELETE FROM devices_by_token WHERE push_token = ?").await?,
+            del_preferences_of: p("DELETE FROM preferences WHERE user_id = ?").await?,
+            put_provider_message: p("INSERT INTO provider_messages (provider, provider_message_id, delivery_id, event_id, user_id, channel, category, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
+            put_delivery_ref: p("INSERT INTO deliveries_by_id (delivery_id, event_id, user_id, channel, category, provider, provider_message_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
             session,
         })
     }
@@ -599,6 +629,67 @@ impl Store {
             .await
             .map_err(|e| query_err("throttle hit", e))?;
         Ok(true)
+    }
+
+    /// Deletes a user with every device (and the token index entries those devices still
+    /// own) and every preference, in one logged batch.
+    pub async fn delete_user(&self, user_id: &str) -> Result<(), StoreError> {
+        let devices = self.devices(user_id).await?;
+        let mut owned = Vec::new();
+        for d in &devices {
+            if self.token_owner(&d.token).await?.is_some_and(|(u, dev)| u == user_id && dev == d.device_id) {
+                owned.push(d.token.clone());
+            }
+        }
+        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Logged);
+        let mut values: Vec<Vec<String>> = Vec::new();
+        for st in [&self.del_user, &self.del_devices_of, &self.del_preferences_of] {
+            batch.append_statement(st.clone());
+            values.push(vec![user_id.to_string()]);
+        }
+        for token in owned {
+            batch.append_statement(self.del_token_owner.clone());
+            values.push(vec![token]);
+        }
+        batch.set_is_idempotent(true);
+        self.session.batch(&batch, values).await.map_err(|e| query_err("delete user", e))?;
+        Ok(())
+    }
+
+    /// Deletes one device of a user, and the token index entry if it still points at it.
+    pub async fn delete_device(&self, user_id: &str, device_id: &str, token: &str) -> Result<(), StoreError> {
+        let owns = self.token_owner(token).await?.is_some_and(|(u, d)| u == user_id && d == device_id);
+        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Logged);
+        batch.append_statement(self.del_device.clone());
+        let mut values: Vec<Vec<String>> = vec![vec![user_id.to_string(), device_id.to_string()]];
+        if owns {
+            batch.append_statement(self.del_token_owner.clone());
+            values.push(vec![token.to_string()]);
+        }
+        batch.set_is_idempotent(true);
+        self.session.batch(&batch, values).await.map_err(|e| query_err("delete device", e))?;
+        Ok(())
+    }
+
+    /// Records which delivery a provider's message id carried (the dispatcher calls this
+    /// after a successful send), so webhooks and tracking map back to the event.
+    pub async fn put_provider_message(&self, m: &ProviderMessage) -> Result<(), StoreError> {
+        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Logged);
+        batch.append_statement(self.put_provider_message.clone());
+        batch.append_statement(self.put_delivery_ref.clone());
+        batch.set_is_idempotent(true);
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(m.sent_at).unwrap_or_else(chrono::Utc::now);
+        self.session
+            .batch(
+                &batch,
+                (
+                    (&m.provider, &m.provider_message_id, &m.delivery_id, &m.event_id, &m.user_id, &m.channel, &m.category, at),
+                    (&m.delivery_id, &m.event_id, &m.user_id, &m.channel, &m.category, &m.provider, &m.provider_message_id, at),
+                ),
+            )
+            .await
+            .map_err(|e| query_err("put provider message", e))?;
+        Ok(())
     }
 
     async fn rows<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Vec<R>, StoreError>

@@ -1,0 +1,214 @@
+//! HTTP API load: `POST /v1/notifications` (signed, validated, produced to Kafka with
+//! acks=all before the 202) next to a trivial axum endpoint, on the same machine in the same
+//! run.
+//!
+//! ```sh
+//! scripts/stack up
+//! cargo bench --bench api -- --seconds 10 --concurrency 128
+//! ```
+//!
+//! 1. An isolated environment (own topics, keyspace) on the real stack; the release
+//!    `herald api` binary; an admin app; the sample templates.
+//! 2. Baseline: a trivial axum endpoint (POST, JSON in, 202 + JSON out) on its own 2-thread
+//!    runtime in this process, driven closed-loop by `--concurrency` clients for `--seconds`.
+//! 3. The API, driven the same way (each request signed with a fresh nonce).
+//! 4. The API at half its measured rate, open-loop (latency counted from each request's
+//!    scheduled start, so queueing is not hidden).
+//!
+//! Prints requests/s and p50/p99 for each, the ratio (target ≥ 0.3) and the half-load p99
+//! (target ≤ 10 ms).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use herald::api::apps::{self, SecretBox};
+use herald::api::auth::{sign_request, Scope};
+use herald::api::store::ApiStore;
+use tokio::sync::Mutex;
+
+use common::env::Env;
+use common::unique;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What one request needs: URL, body, headers.
+type MakeRequest = Arc<dyn Fn(u64) -> (String, Vec<u8>, Vec<(&'static str, String)>) + Send + Sync>;
+
+struct Stats {
+    n: usize,
+    errors: usize,
+    seconds: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.seconds
+    }
+    fn print(&self, what: &str) {
+        println!(
+            "{what:<34} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} ok, {} errors, {:.1} s)",
+            self.rate(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.n,
+            self.errors,
+            self.seconds
+        );
+    }
+}
+
+fn stats(mut lat: Vec<Duration>, errors: usize, seconds: f64) -> Stats {
+    lat.sort();
+    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+    Stats { n: lat.len(), errors, seconds, p50: pick(0.50), p99: pick(0.99) }
+}
+
+async fn one(http: &reqwest::Client, make: &MakeRequest, i: u64) -> bool {
+    let (url, body, headers) = make(i);
+    let mut rb = http.post(url).header("content-type", "application/json").body(body);
+    for (k, v) in headers {
+        rb = rb.header(k, v);
+    }
+    matches!(rb.send().await, Ok(r) if r.status().as_u16() == 202)
+}
+
+/// `concurrency` clients back to back for `seconds`.
+async fn closed_loop(http: &reqwest::Client, make: MakeRequest, concurrency: u64, seconds: u64) -> Stats {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let results = Arc::new(Mutex::new((Vec::new(), 0usize)));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, make, results, counter) = (http.clone(), make.clone(), results.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0);
+            while Instant::now() < until {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let t = Instant::now();
+                if one(&http, &make, i).await {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            let mut r = results.lock().await;
+            r.0.extend(lat);
+            r.1 += errors;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let r = results.lock().await;
+    stats(r.0.clone(), r.1, elapsed)
+}
+
+/// Requests started at a fixed `rate` for `seconds`, each timed from its scheduled start.
+async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds: u64) -> Stats {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (rate * seconds as f64) as u64;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = started + interval * i as u32;
+        tokio::time::sleep_until(due).await;
+        let (http, make) = (http.clone(), make.clone());
+        tasks.push(tokio::spawn(async move {
+            let ok = one(&http, &make, 1_000_000_000 + i).await;
+            (ok, due.elapsed())
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (true, d) => lat.push(d),
+            (false, _) => errors += 1,
+        }
+    }
+    stats(lat, errors, seconds as f64)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let seconds = arg("--seconds", 10);
+    // Enough clients that the API is CPU-bound, not bound by Kafka's acks=all round trip.
+    let concurrency = arg("--concurrency", 128);
+    let port = free_port();
+    println!("api bench: {concurrency} concurrent clients, {seconds} s per phase");
+    let env = Env::start_with(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\n[telemetry]\nlog_filter = \"warn\"\n"), false).await;
+    env.spawn("api", &["api"]);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "api did not become ready:\n{}", env.log("api"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let key = env.config.api.encryption_key_bytes().unwrap();
+    let api_store = ApiStore::prepare(env.store.session.clone(), &env.config.store.keyspace).await.unwrap();
+    let creds = apps::create(&api_store, &SecretBox::new(&key), "bench", &[Scope::Admin].into(), &Default::default(), None).await.unwrap();
+    let (app_key, secret) = (creds.key.clone(), creds.secret.expose().to_string());
+
+    // Baseline: a trivial axum endpoint on its own runtime.
+    let trivial_port = free_port();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(async move {
+            let app = axum::Router::new().route(
+                "/v1/notifications",
+                post(|axum::Json(v): axum::Json<serde_json::Value>| async move {
+                    (axum::http::StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "status": "accepted", "event_id": v["user_id"] })))
+                }),
+            );
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", trivial_port)).await.unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let run = unique("r");
+    let body = move |i: u64| serde_json::to_vec(&serde_json::json!({ "user_id": format!("bench-{run}-{i}"), "template_id": "bill_due", "params": { "amount": "9.99" }, "channels": ["email"] })).unwrap();
+    let trivial: MakeRequest = {
+        let body = body.clone();
+        Arc::new(move |i| (format!("http://127.0.0.1:{trivial_port}/v1/notifications"), body(i), Vec::new()))
+    };
+    let signed: MakeRequest = Arc::new(move |i| {
+        let b = body(i);
+        let h = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
+        (format!("{base}/v1/notifications"), b, h)
+    });
+
+    // Warm up both (connections, registry schema lookups, template cache).
+    closed_loop(&http, trivial.clone(), concurrency, 1).await;
+    closed_loop(&http, signed.clone(), concurrency, 2).await;
+
+    let base_stats = closed_loop(&http, trivial, concurrency, seconds).await;
+    base_stats.print("trivial axum endpoint (closed loop)");
+    let api_stats = closed_loop(&http, signed.clone(), concurrency, seconds).await;
+    api_stats.print("POST /v1/notifications (closed loop)");
+    let half = open_loop(&http, signed, api_stats.rate() / 2.0, seconds).await;
+    half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
+    let ratio = api_stats.rate() / base_stats.rate();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("machine load average (1/5/15 min): {} (other work on the machine skews both sides)", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "ratio {ratio:.2} (target >= 0.3: {})   half-load p99 {:.2} ms (target <= 10 ms: {})",
+        if ratio >= 0.3 { "met" } else { "NOT met" },
+        half.p99.as_secs_f64() * 1e3,
+        if half.p99 <= Duration::from_millis(10) { "met" } else { "NOT met" }
+    );
+}

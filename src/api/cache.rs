@@ -1,0 +1,105 @@
+//! A read-through cache that refreshes in the background: an entry older than `ttl` is
+//! still answered while one task reloads it, so a slow store read never stalls the request
+//! path (it would, at high request rates, with plain expiry: every request waits for the
+//! reload). An entry older than `4 × ttl` (its refreshes kept failing) is loaded in line.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+
+use crate::store::StoreError;
+
+struct Slot<V> {
+    value: V,
+    loaded: Instant,
+    refreshing: AtomicBool,
+}
+
+pub struct Refreshing<V> {
+    cache: Cache<String, Arc<Slot<V>>>,
+    ttl: Duration,
+}
+
+impl<V: Clone + Send + Sync + 'static> Refreshing<V> {
+    pub fn new(max_entries: u64, ttl: Duration) -> Refreshing<V> {
+        Refreshing { cache: Cache::builder().max_capacity(max_entries).build(), ttl }
+    }
+
+    /// The cached value for `key`, loading it with `load` when absent or too old, and
+    /// refreshing it in the background when merely stale.
+    pub async fn get<F, Fut>(&self, key: &str, load: F) -> Result<V, StoreError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<V, StoreError>> + Send + 'static,
+    {
+        if let Some(slot) = self.cache.get(key).await {
+            let age = slot.loaded.elapsed();
+            if age <= self.ttl {
+                return Ok(slot.value.clone());
+            }
+            if age <= self.ttl * 4 {
+                if !slot.refreshing.swap(true, Ordering::AcqRel) {
+                    let (cache, key, stale) = (self.cache.clone(), key.to_string(), slot.clone());
+                    tokio::spawn(async move {
+                        match load().await {
+                            Ok(value) => cache.insert(key, Arc::new(Slot { value, loaded: Instant::now(), refreshing: AtomicBool::new(false) })).await,
+                            Err(e) => {
+                                tracing::warn!(key, error = %e, "cache refresh failed; serving the stale entry");
+                                stale.refreshing.store(false, Ordering::Release);
+                            }
+                        }
+                    });
+                }
+                return Ok(slot.value.clone());
+            }
+            self.cache.invalidate(key).await;
+        }
+        let slot = self
+            .cache
+            .try_get_with(key.to_string(), async move {
+                let value = load().await?;
+                Ok::<_, StoreError>(Arc::new(Slot { value, loaded: Instant::now(), refreshing: AtomicBool::new(false) }))
+            })
+            .await
+            .map_err(|e| StoreError::Query { op: "cache load", detail: e.to_string(), retryable: true })?;
+        Ok(slot.value.clone())
+    }
+
+    pub async fn invalidate(&self, key: &str) {
+        self.cache.invalidate(key).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_entries_are_served_while_one_refresh_runs() {
+        let c: Refreshing<u32> = Refreshing::new(10, Duration::from_millis(50));
+        let loads = Arc::new(AtomicU32::new(0));
+        let loader = |loads: Arc<AtomicU32>| {
+            move || {
+                let loads = loads.clone();
+                async move { Ok(loads.fetch_add(1, Ordering::SeqCst) + 1) }
+            }
+        };
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 1);
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 1, "fresh: cached");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 1, "stale: served while refreshing");
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 2, "refreshed once");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 3, "too old: loaded in line");
+        c.invalidate("k").await;
+        assert_eq!(c.get("k", loader(loads.clone())).await.unwrap(), 4);
+    }
+}

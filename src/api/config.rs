@@ -1,0 +1,162 @@
+//! `[api]`: the HTTP front door's settings (listen address, app-secret encryption key,
+//! request limits, per-app rate limits, provider webhook secrets, public base URL).
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{duration, Secret};
+
+/// The development encryption key (32 ASCII bytes, base64). `herald api` warns when it
+/// is in use; production sets `HERALD__API__ENCRYPTION_KEY` to 32 random bytes, base64.
+pub const DEV_ENCRYPTION_KEY: &str = "ZGV2LW9ubHktaGVyYWxkLWFwaS1rZXktY2hhbmdlLSE=";
+
+/// Settings of `herald api` (and of `herald apps`, which shares the encryption key).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the HTTP server listens, e.g. `0.0.0.0:8080`.
+    pub listen: String,
+    /// The URL the outside world uses to reach this API (no trailing `/`). Webhook
+    /// signatures of Twilio and Mandrill are computed over `public_base_url + path`, so it
+    /// must match what is configured at the provider exactly.
+    pub public_base_url: String,
+    /// AES-256-GCM key (32 bytes, standard base64) that encrypts app secrets at rest.
+    pub encryption_key: Secret,
+    /// How far a request's `X-Herald-Timestamp` may be from the server's clock, in seconds.
+    pub timestamp_tolerance_secs: u64,
+    /// Signatures remembered for replay detection at most (about 40 bytes each); when full,
+    /// signed requests are refused (503) until old ones leave the window.
+    pub replay_cache_max_entries: u64,
+    /// Largest accepted request body, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// At most this many template params per request, each value at most
+    /// `max_param_bytes`, all keys and values together at most `max_params_total_bytes`.
+    pub max_params: usize,
+    pub max_param_bytes: usize,
+    pub max_params_total_bytes: usize,
+    /// Recipients per batch call at most.
+    pub max_batch: usize,
+    /// Default per-app request rate (requests per second, token bucket) and burst; an app
+    /// may carry its own rate (`herald apps create --rate-limit`). 0 = unlimited.
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    /// How long a looked-up app (and a revocation) stays cached in each API process.
+    #[serde(with = "duration")]
+    pub app_cache_ttl: Duration,
+    /// How long a template stays cached for request validation.
+    #[serde(with = "duration")]
+    pub template_cache_ttl: Duration,
+    /// After `herald apps rotate`, the previous secret stays valid this long.
+    #[serde(with = "duration")]
+    pub rotation_grace: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(with = "duration")]
+    pub idempotency_ttl: Duration,
+    /// `linger.ms` of the API's idempotent producer (small: the caller waits for the ack).
+    pub producer_linger_ms: u64,
+    /// How long a produce may wait for Kafka's acknowledgement before the call fails (503).
+    pub produce_timeout_ms: u64,
+    /// Twilio auth token: key of `X-Twilio-Signature` (HMAC-SHA1). Empty = endpoint off.
+    pub twilio_auth_token: Secret,
+    /// SendGrid signed event webhook: the verification key (base64 DER SubjectPublicKeyInfo,
+    /// ECDSA P-256) from SendGrid's settings. Not a secret. Empty = endpoint off.
+    pub sendgrid_public_key: String,
+    /// Mailchimp Transactional webhook key: key of `X-Mandrill-Signature` (HMAC-SHA1).
+    /// Empty = endpoint off.
+    pub mandrill_webhook_key: Secret,
+    /// Vonage signature secret for signed delivery receipts. Empty = endpoint off.
+    pub vonage_signature_secret: Secret,
+    /// `sha1` | `sha256` | `sha512` (Vonage's HMAC signature methods; the MD5 ones are
+    /// not supported).
+    pub vonage_signature_method: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            public_base_url: "http://127.0.0.1:8080".into(),
+            encryption_key: Secret::new(DEV_ENCRYPTION_KEY),
+            timestamp_tolerance_secs: 300,
+            replay_cache_max_entries: 10_000_000,
+            max_body_bytes: 256 * 1024,
+            max_params: 50,
+            max_param_bytes: 2048,
+            max_params_total_bytes: 16 * 1024,
+            max_batch: 1000,
+            rate_limit_per_second: 200,
+            rate_limit_burst: 400,
+            app_cache_ttl: Duration::from_secs(10),
+            template_cache_ttl: Duration::from_secs(5),
+            rotation_grace: Duration::from_secs(86_400),
+            idempotency_ttl: Duration::from_secs(86_400),
+            producer_linger_ms: 1,
+            produce_timeout_ms: 10_000,
+            twilio_auth_token: Secret::default(),
+            sendgrid_public_key: String::new(),
+            mandrill_webhook_key: Secret::default(),
+            vonage_signature_secret: Secret::default(),
+            vonage_signature_method: "sha256".into(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The decoded AES-256 key.
+    ///
+    /// # Errors
+    /// A message naming the setting when it is not 32 bytes of standard base64.
+    pub fn encryption_key_bytes(&self) -> Result<[u8; 32], String> {
+        let raw = B64
+            .decode(self.encryption_key.expose().trim())
+            .map_err(|_| "api.encryption_key must be standard base64".to_string())?;
+        raw.try_into().map_err(|_| "api.encryption_key must decode to exactly 32 bytes".to_string())
+    }
+
+    /// Checks that cannot be expressed in types (called from `Config::validate`).
+    pub fn validate(&self) -> Result<(), String> {
+        self.encryption_key_bytes()?;
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err("api.listen must be host:port with an IP address".into());
+        }
+        if !(self.public_base_url.starts_with("http://") || self.public_base_url.starts_with("https://")) || self.public_base_url.ends_with('/') {
+            return Err("api.public_base_url must be an http(s) URL without a trailing '/'".into());
+        }
+        if !matches!(self.vonage_signature_method.as_str(), "sha1" | "sha256" | "sha512") {
+            return Err("api.vonage_signature_method must be sha1, sha256 or sha512".into());
+        }
+        if self.max_body_bytes < 1024 || self.max_batch == 0 {
+            return Err("api.max_body_bytes must be >= 1024 and api.max_batch > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn uses_dev_key(&self) -> bool {
+        self.encryption_key.expose() == DEV_ENCRYPTION_KEY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_the_key_decodes() {
+        let c = ApiConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.encryption_key_bytes().unwrap().len(), 32);
+        assert!(c.uses_dev_key());
+        assert!(!format!("{c:?}").contains(DEV_ENCRYPTION_KEY));
+    }
+
+    #[test]
+    fn bad_keys_and_urls_are_named() {
+        let c = ApiConfig { encryption_key: Secret::new("c2hvcnQ="), ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("32 bytes"));
+        let c = ApiConfig { public_base_url: "http://x/".into(), ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("public_base_url"));
+    }
+}
