@@ -23,6 +23,21 @@ fn services(v: &Value) -> &serde_yaml_ng::Mapping {
     v["services"].as_mapping().expect("services")
 }
 
+/// Compose interpolation as a deployment would see it: `${X:-default}` takes the default;
+/// a required `${X:?…}` or `${X}` takes a well-formed sample value.
+fn interpolate(value: &str, name: &str) -> String {
+    let Some(start) = value.find("${") else { return value.to_string() };
+    let end = value[start..].find('}').map(|e| start + e).unwrap_or(value.len() - 1);
+    let inner = &value[start + 2..end];
+    let replacement = match inner.split_once(":-") {
+        Some((_, default)) => default.to_string(),
+        // 32 bytes, base64, for keys; any text otherwise.
+        None if name.ends_with("ENCRYPTION_KEY") => "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string(),
+        None => "sample".to_string(),
+    };
+    format!("{}{}{}", &value[..start], replacement, interpolate(&value[end + 1..], name))
+}
+
 fn env_of(service: &Value) -> BTreeMap<String, String> {
     service["environment"]
         .as_mapping()
@@ -33,7 +48,9 @@ fn env_of(service: &Value) -> BTreeMap<String, String> {
                         Value::String(s) => s.clone(),
                         other => serde_yaml_ng::to_string(other).unwrap().trim().to_string(),
                     };
-                    (k.as_str().unwrap().to_string(), v)
+                    let k = k.as_str().unwrap().to_string();
+                    let v = interpolate(&v, &k);
+                    (k, v)
                 })
                 .collect()
         })
@@ -58,6 +75,7 @@ fn has_the_backing_services_and_herald_roles() {
         "registry",
         "herald-setup",
         "herald-router",
+        "herald-api",
         "herald-dispatch-apns",
         "herald-dispatch-fcm",
         "herald-dispatch-sms",
