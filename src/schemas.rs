@@ -134,7 +134,19 @@ pub async fn register(
     for (subject, c) in wanted {
         // Validate locally first: a broken .avsc is our bug, not the registry's.
         schema(c.record)?;
-        done.push(register_subject(&http, &sr, cfg, &subject, c.text).await?);
+        // A registry that is busy or restarting answers again shortly: retry what is retryable.
+        let mut attempt = 0;
+        let registration = loop {
+            match register_subject(&http, &sr, cfg, &subject, c.text).await {
+                Err(e) if e.is_retryable() && attempt < 4 => {
+                    attempt += 1;
+                    tracing::warn!(%subject, error = %e, attempt, "schema registration failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500 << attempt)).await;
+                }
+                other => break other?,
+            }
+        };
+        done.push(registration);
     }
     Ok(done)
 }

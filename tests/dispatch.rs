@@ -145,6 +145,14 @@ async fn every_provider_sends_and_invalid_tokens_deactivate_devices() {
     let devices = h.env.store.devices(&user).await.unwrap();
     assert!(!devices.iter().find(|x| x.token == token).unwrap().active, "device deactivated");
 
+    // Twilio says the number is a landline (21614): the user's phone is marked dead, so the
+    // router stops offering SMS for them.
+    h.state(json!({"twilio_landline": ["+4915100000001"]})).await;
+    let d = delivery("sms", &user, "+4915100000001", None);
+    h.deliver(&d).await;
+    h.env.wait_outcomes(&d.event_id, WAIT, has("invalid_address")).await;
+    assert_eq!(h.env.store.contact_health(&user).await.unwrap().phone_active, Some(false));
+
     // An expired delivery is not sent.
     let mut d = delivery("sms", &user, "+4915199999999", None);
     d.deadline = now_ms() - 1;
@@ -266,4 +274,30 @@ async fn sigkill_redelivery_sends_nothing_twice_that_was_recorded_as_sent() {
     let uncertain = h.env.log("dispatch-email").matches("attempted before without a recorded result").count();
     eprintln!("after SIGKILL: {twice} duplicate sends, {uncertain} counted in the unavoidable window");
     assert!(twice <= uncertain, "{twice} duplicate sends but only {uncertain} were in the unavoidable window");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_goes_first_when_backlogged() {
+    // One send at a time, so the order of sends is the order of the dispatcher's choices.
+    let h = harness("batch_max = 100\nconcurrency = 1\n[dispatch.limits.sendgrid]\nconcurrency = 1\nrate_per_sec = 1000.0").await;
+    let mut low = Vec::new();
+    for i in 0..20 {
+        let mut d = delivery("email", &unique("u"), &format!("low{i}@example.com"), None);
+        d.priority = Priority::Low;
+        h.deliver(&d).await;
+        low.push(d);
+    }
+    let mut high = delivery("email", &unique("u"), "urgent@example.com", None);
+    high.priority = Priority::High;
+    h.deliver(&high).await; // produced last, behind the backlog
+    h.env.spawn("dispatch-email", &["dispatch", "--channel", "email"]);
+    let sent_at = |os: Vec<herald::model::DeliveryOutcome>| os.into_iter().find(|o| o.status == "sent").unwrap().occurred_at;
+    let high_at = sent_at(h.env.wait_outcomes(&high.event_id, WAIT, has("sent")).await);
+    let mut earlier = 0;
+    for d in &low {
+        if sent_at(h.env.wait_outcomes(&d.event_id, WAIT, has("sent")).await) < high_at {
+            earlier += 1;
+        }
+    }
+    assert!(earlier <= 1, "{earlier} low-priority deliveries were sent before the high-priority one");
 }

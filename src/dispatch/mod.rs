@@ -30,7 +30,7 @@ use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Codec, CodecError};
+use crate::codec::Codec;
 use crate::config::{Config, DispatchConfig};
 use crate::error::Classify;
 use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, StageSettings};
@@ -38,7 +38,7 @@ use crate::model::{now_ms, ChannelDelivery, DeliveryOutcome};
 use crate::providers::{Classification, Clients, Provider, ProviderError};
 use crate::router::policy::outcome_id;
 use crate::router::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::telemetry::events;
 use crate::topology::Topology;
 use breaker::{Breaker, Signal};
@@ -148,7 +148,7 @@ impl Dispatcher {
                     let mut out = Vec::new();
                     let mut log = Vec::new();
                     self.dead_letter(msg, &source, None, "rejected", &e.to_string(), &mut out, &mut log).await?;
-                    self.store.log_outcomes(&log).await.map_err(store_err)?;
+                    self.store.log_outcomes(&log).await.map_err(StageError::classify)?;
                     outputs.push((index, out));
                 }
             }
@@ -176,7 +176,7 @@ impl Dispatcher {
             self.outcome(w, "expired", None, None, None, None, &mut out, &mut log).await?;
             return self.finish(out, log).await;
         }
-        match self.store.sent(&d.delivery_id).await.map_err(store_err)? {
+        match self.store.sent(&d.delivery_id).await.map_err(StageError::classify)? {
             Some(s) if s.state == "sent" => {
                 // Sent before a crash or a replay: say so again (same outcome id), send nothing.
                 let provider = s.provider.as_deref().and_then(|p| p.parse().ok());
@@ -196,7 +196,7 @@ impl Dispatcher {
         self.store
             .put_sent(&d.delivery_id, "attempting", provider.name(), None, d.attempt, None)
             .await
-            .map_err(store_err)?;
+            .map_err(StageError::classify)?;
         let started = Instant::now();
         let (classification, known) = {
             let _permit = self.limits[&provider].acquire().await;
@@ -213,7 +213,7 @@ impl Dispatcher {
             self.store
                 .put_sent(&d.delivery_id, "not_sent", provider.name(), None, d.attempt, Some(latency))
                 .await
-                .map_err(store_err)?;
+                .map_err(StageError::classify)?;
         }
         let signal = match classification {
             Classification::Transient { .. } | Classification::Throttled { .. } => Signal::Failing,
@@ -257,7 +257,7 @@ impl Dispatcher {
                     self.store.put_sent(&d.delivery_id, "sent", p.name(), Some(&message_id), d.attempt, latency),
                     self.store.put_provider_message(&by_message_id),
                 )
-                .map_err(store_err)?;
+                .map_err(StageError::classify)?;
                 self.outcome(w, "sent", Some(p), Some(&message_id), None, latency, &mut out, &mut log).await?;
             }
             Next::Deactivate { reason } => {
@@ -266,7 +266,7 @@ impl Dispatcher {
                     (ch @ ("sms" | "email"), _) => self.store.set_contact_active(&d.user_id, ch, false).await,
                     _ => Ok(()),
                 }
-                .map_err(store_err)?;
+                .map_err(StageError::classify)?;
                 out.push(change_record(&self.changes, &d.user_id));
                 self.outcome(w, "invalid_address", provider, None, Some(reason), latency, &mut out, &mut log).await?;
             }
@@ -276,7 +276,7 @@ impl Dispatcher {
                 again.not_before = Some(now_ms() + delay.as_millis() as i64);
                 again.last_error = Some(reason.clone());
                 let topic = &self.retries[level - 1].0;
-                let payload = self.codec.encode(topic, &again).await.map_err(codec_err)?;
+                let payload = self.codec.encode(topic, &again).await.map_err(StageError::classify)?;
                 out.push(Output { topic: topic.clone(), partition: None, key: Some(d.user_id.clone().into_bytes()), payload: Some(payload), headers: Vec::new() });
                 let why = format!("{reason}; retry {level} in {:.0} s", delay.as_secs_f64());
                 self.outcome(w, "retry_scheduled", provider, None, Some(why), latency, &mut out, &mut log).await?;
@@ -293,7 +293,7 @@ impl Dispatcher {
     }
 
     async fn finish(&self, out: Vec<Output>, log: Vec<DeliveryOutcome>) -> Result<Vec<Output>, StageError> {
-        self.store.log_outcomes(&log).await.map_err(store_err)?;
+        self.store.log_outcomes(&log).await.map_err(StageError::classify)?;
         Ok(out)
     }
 
@@ -380,7 +380,7 @@ impl Dispatcher {
     }
 
     async fn push_outcome(&self, o: DeliveryOutcome, out: &mut Vec<Output>, log: &mut Vec<DeliveryOutcome>) -> Result<(), StageError> {
-        let payload = self.codec.encode(&self.outcomes, &o).await.map_err(codec_err)?;
+        let payload = self.codec.encode(&self.outcomes, &o).await.map_err(StageError::classify)?;
         events::outcome(o.channel.as_deref().unwrap_or("-"), o.provider.as_deref().unwrap_or("-"), &o.status);
         out.push(Output { topic: self.outcomes.clone(), partition: None, key: Some(o.event_id.clone().into_bytes()), payload: Some(payload), headers: Vec::new() });
         log.push(o);
@@ -392,22 +392,6 @@ impl Dispatcher {
 fn change_record(topic: &str, user_id: &str) -> Output {
     let value = serde_json::json!({ "kind": "user", "id": user_id, "at": now_ms() }).to_string();
     Output { topic: topic.into(), partition: None, key: Some(format!("user:{user_id}").into_bytes()), payload: Some(value.into_bytes()), headers: Vec::new() }
-}
-
-fn store_err(e: StoreError) -> StageError {
-    if e.is_retryable() {
-        StageError::Retryable(e.to_string())
-    } else {
-        StageError::Fatal(e.to_string())
-    }
-}
-
-fn codec_err(e: CodecError) -> StageError {
-    if e.is_retryable() {
-        StageError::Retryable(e.to_string())
-    } else {
-        StageError::Fatal(e.to_string())
-    }
 }
 
 struct Stage(Arc<Dispatcher>);

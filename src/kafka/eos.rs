@@ -69,6 +69,18 @@ pub enum StageError {
     Fatal(String),
 }
 
+impl StageError {
+    /// A boundary error as a stage error: retry the batch when the error says it may
+    /// succeed later, otherwise stop the stage.
+    pub fn classify<E: crate::error::Classify + std::fmt::Display>(e: E) -> StageError {
+        if e.is_retryable() {
+            StageError::Retryable(e.to_string())
+        } else {
+            StageError::Fatal(e.to_string())
+        }
+    }
+}
+
 /// A stage's per-batch logic.
 pub trait Processor: Send + Sync {
     fn process(&self, batch: &[OwnedMessage]) -> impl Future<Output = Result<BatchResult, StageError>> + Send;

@@ -33,7 +33,7 @@ use crate::error::Classify;
 use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, StageSettings};
 use crate::model::{delivery_id, now_ms, ChannelDelivery, DeliveryOutcome, NotificationRequested, Priority};
 use crate::render::RenderContext;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::telemetry::events;
 use crate::topology::Topology;
 use crate::tracking::TrackingSettings;
@@ -175,7 +175,7 @@ impl Router {
     }
 
     async fn finish(&self, out: Vec<Output>, log: Vec<DeliveryOutcome>) -> Result<Routed, StageError> {
-        self.store.log_outcomes(&log).await.map_err(store_err)?;
+        self.store.log_outcomes(&log).await.map_err(StageError::classify)?;
         Ok(Routed::Done(out))
     }
 
@@ -191,7 +191,7 @@ impl Router {
         let Some(policy) = self.cfg.categories.get(&req.category) else {
             return reject(format!("unknown category '{}'", req.category));
         };
-        let template = self.contacts.template(&req.template_id).await.map_err(store_err)?;
+        let template = self.contacts.template(&req.template_id).await.map_err(StageError::classify)?;
         let Some(template) = template.as_ref() else {
             return reject(format!("unknown template '{}'", req.template_id));
         };
@@ -210,7 +210,7 @@ impl Router {
             } else {
                 self.store.claim_event(&req.event_id, topic, partition, offset, self.cfg.dedup_ttl).await
             }
-            .map_err(store_err)?;
+            .map_err(StageError::classify)?;
             let owner = format!("{}:{}:{}", claim.source_topic, claim.partition, claim.offset);
             // A replayed record (herald replay) stands for the record it copies.
             let me = header(src.msg, crate::replay::REPLAY_OF_HEADER).unwrap_or_else(|| src.id.clone());
@@ -224,12 +224,12 @@ impl Router {
             self.outcome(src, req, "expired", None, None, None, out, log).await?;
             return Ok(Ok(()));
         }
-        let contact = self.contacts.contact(&req.user_id).await.map_err(store_err)?;
+        let contact = self.contacts.contact(&req.user_id).await.map_err(StageError::classify)?;
         let Some(contact) = contact.as_ref() else {
             self.outcome(src, req, "unknown_user", None, None, None, out, log).await?;
             return Ok(Ok(()));
         };
-        let prefs = self.contacts.prefs(&req.user_id).await.map_err(store_err)?;
+        let prefs = self.contacts.prefs(&req.user_id).await.map_err(StageError::classify)?;
 
         let mut plan = Vec::new();
         let mut seen = Vec::new();
@@ -252,7 +252,7 @@ impl Router {
                     .store
                     .throttle_admit(&req.user_id, ch, &req.category, &req.event_id, limit, window)
                     .await
-                    .map_err(store_err)?;
+                    .map_err(StageError::classify)?;
                 if !admitted {
                     let why = format!("more than {limit} {} per {}", req.category, crate::config::duration::format(&window));
                     self.outcome(src, req, "throttled", Some(ch), None, Some(why), out, log).await?;
@@ -269,7 +269,7 @@ impl Router {
         if !src.released && policy.quiet_hours && priority < Priority::High {
             let tz = policy::timezone(&contact.user, self.default_tz);
             if let Some(until) = self.quiet.hold_until(Utc::now(), tz) {
-                let payload = self.codec.encode(&self.topics.delay, req).await.map_err(codec_err)?;
+                let payload = self.codec.encode(&self.topics.delay, req).await.map_err(StageError::classify)?;
                 out.push(Output {
                     topic: self.topics.delay.clone(),
                     partition: Some(policy::delay_partition(until, self.topics.delay_partitions)),
@@ -327,7 +327,7 @@ impl Router {
         }
         for d in &deliveries {
             let topic = &self.topics.delivery[d.channel.as_str()];
-            let payload = self.codec.encode(topic, d).await.map_err(codec_err)?;
+            let payload = self.codec.encode(topic, d).await.map_err(StageError::classify)?;
             out.push(Output {
                 topic: topic.clone(),
                 partition: None,
@@ -429,7 +429,7 @@ impl Router {
             occurred_at: now_ms(),
             requested_at: Some(req.occurred_at),
         };
-        let payload = self.codec.encode(&self.topics.outcomes, &o).await.map_err(codec_err)?;
+        let payload = self.codec.encode(&self.topics.outcomes, &o).await.map_err(StageError::classify)?;
         events::outcome(channel.unwrap_or("-"), "-", status);
         out.push(Output {
             topic: self.topics.outcomes.clone(),
@@ -498,22 +498,6 @@ fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-fn store_err(e: StoreError) -> StageError {
-    if e.is_retryable() {
-        StageError::Retryable(e.to_string())
-    } else {
-        StageError::Fatal(e.to_string())
-    }
-}
-
-fn codec_err(e: CodecError) -> StageError {
-    if e.is_retryable() {
-        StageError::Retryable(e.to_string())
-    } else {
-        StageError::Fatal(e.to_string())
-    }
 }
 
 /// The requests (and trigger topics) stage.
