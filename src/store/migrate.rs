@@ -138,7 +138,9 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<MigrateReport, StoreError> {
         }
         session
             .query_unpaged(
-                "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, toTimestamp(now()))",
+                // Qualified: a bound statement is prepared, and Cassandra flags prepared
+                // statements that rely on USE.
+                format!("INSERT INTO {ks}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, toTimestamp(now()))"),
                 (m.version, m.name, m.checksum()),
             )
             .await
