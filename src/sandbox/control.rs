@@ -46,7 +46,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn provider(name: &str) -> Result<Provider, Response> {
-    Provider::parse(name).ok_or_else(|| {
+    name.parse::<Provider>().ok().ok_or_else(|| {
         let known: Vec<_> = Provider::ALL.iter().map(|p| p.name()).collect();
         error(
             StatusCode::NOT_FOUND,

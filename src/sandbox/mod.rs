@@ -58,42 +58,11 @@ use faults::FaultTable;
 use http::{with_header, Incoming};
 use journal::Journal;
 
-/// The six simulated providers, as named in `/_sandbox/…/{provider}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Provider {
-    Apns,
-    Fcm,
-    Twilio,
-    Vonage,
-    Sendgrid,
-    Mandrill,
-}
+/// The six simulated providers are herald's own [`crate::providers::Provider`]s, named
+/// as in `/_sandbox/…/{provider}`; the sandbox adds how each one fails.
+pub use crate::providers::Provider;
 
 impl Provider {
-    pub const ALL: [Provider; 6] = [
-        Provider::Apns,
-        Provider::Fcm,
-        Provider::Twilio,
-        Provider::Vonage,
-        Provider::Sendgrid,
-        Provider::Mandrill,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Provider::Apns => "apns",
-            Provider::Fcm => "fcm",
-            Provider::Twilio => "twilio",
-            Provider::Vonage => "vonage",
-            Provider::Sendgrid => "sendgrid",
-            Provider::Mandrill => "mandrill",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Provider> {
-        Provider::ALL.into_iter().find(|p| p.name() == name)
-    }
-
     /// The error a fault answers with when it names none: the provider's usual outage.
     pub fn default_error(self) -> &'static str {
         match self {
