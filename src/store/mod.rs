@@ -373,11 +373,7 @@ impl Store {
     }
 
     pub async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-        let r = self.session.execute_unpaged(&self.get_user, (user_id,)).await.map_err(|e| query_err("get user", e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err("get user", e))?
-            .maybe_first_row::<User>()
-            .map_err(|e| query_err("get user", e))
+        self.first_row::<User, _>(&self.get_user, (user_id,), "get user").await
     }
 
     /// Writes a device and its token index together (a logged batch: both or neither).
@@ -395,11 +391,7 @@ impl Store {
 
     /// Which user and device a push token is registered to.
     pub async fn token_owner(&self, token: &str) -> Result<Option<(String, String)>, StoreError> {
-        let r = self.session.execute_unpaged(&self.token_owner, (token,)).await.map_err(|e| query_err("token owner", e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err("token owner", e))?
-            .maybe_first_row::<(String, String)>()
-            .map_err(|e| query_err("token owner", e))
+        self.first_row::<(String, String), _>(&self.token_owner, (token,), "token owner").await
     }
 
     /// Every device of a user, active or not.
@@ -422,11 +414,7 @@ impl Store {
     }
 
     pub async fn template(&self, template_id: &str) -> Result<Option<Template>, StoreError> {
-        let r = self.session.execute_unpaged(&self.get_template, (template_id,)).await.map_err(|e| query_err("get template", e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err("get template", e))?
-            .maybe_first_row::<Template>()
-            .map_err(|e| query_err("get template", e))
+        self.first_row::<Template, _>(&self.get_template, (template_id,), "get template").await
     }
 
     pub async fn put_template_content(&self, c: &TemplateContent) -> Result<(), StoreError> {
@@ -497,11 +485,7 @@ impl Store {
     }
 
     pub async fn claim(&self, event_id: &str) -> Result<Option<DedupClaim>, StoreError> {
-        let r = self.session.execute_unpaged(&self.get_claim, (event_id,)).await.map_err(|e| query_err("get claim", e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err("get claim", e))?
-            .maybe_first_row::<DedupClaim>()
-            .map_err(|e| query_err("get claim", e))
+        self.first_row::<DedupClaim, _>(&self.get_claim, (event_id,), "get claim").await
     }
 
     /// Writes outcomes to the notification log: one unlogged batch per event (one partition).
@@ -546,11 +530,7 @@ impl Store {
 
     /// The sent-log row of a delivery.
     pub async fn sent(&self, delivery_id: &str) -> Result<Option<SentEntry>, StoreError> {
-        let r = self.session.execute_unpaged(&self.get_sent, (delivery_id,)).await.map_err(|e| query_err("get sent", e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err("get sent", e))?
-            .maybe_first_row::<SentEntry>()
-            .map_err(|e| query_err("get sent", e))
+        self.first_row::<SentEntry, _>(&self.get_sent, (delivery_id,), "get sent").await
     }
 
     /// Records the state of a delivery: `attempting` before the provider call, `sent` after.
@@ -592,11 +572,7 @@ impl Store {
 
     /// Whether a user's email and phone still work.
     pub async fn contact_health(&self, user_id: &str) -> Result<ContactHealth, StoreError> {
-        let r = self.session.execute_unpaged(&self.contact_health, (user_id,)).await.map_err(|e| query_err("contact health", e))?;
-        Ok(r.into_rows_result()
-            .map_err(|e| query_err("contact health", e))?
-            .maybe_first_row::<ContactHealth>()
-            .map_err(|e| query_err("contact health", e))?
+        Ok(self.first_row::<ContactHealth, _>(&self.contact_health, (user_id,), "contact health").await?
             .unwrap_or_default())
     }
 
@@ -690,6 +666,18 @@ impl Store {
             .await
             .map_err(|e| query_err("put provider message", e))?;
         Ok(())
+    }
+
+    async fn first_row<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Option<R>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+        V: scylla::serialize::row::SerializeRow,
+    {
+        let r = self.session.execute_unpaged(st, values).await.map_err(|e| query_err(op, e))?;
+        r.into_rows_result()
+            .map_err(|e| query_err(op, e))?
+            .maybe_first_row::<R>()
+            .map_err(|e| query_err(op, e))
     }
 
     async fn rows<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Vec<R>, StoreError>
