@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use apache_avro::Schema;
 use futures::StreamExt;
 use rand::Rng;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,6 @@ use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, 
 use crate::model::{now_ms, ChannelDelivery, DeliveryOutcome};
 use crate::providers::{Classification, Clients, Provider, ProviderError};
 use crate::router::policy::outcome_id;
-use crate::router::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
 use crate::store::Store;
 use crate::telemetry::events;
 use crate::topology::Topology;
@@ -310,19 +309,7 @@ impl Dispatcher {
         log: &mut Vec<DeliveryOutcome>,
     ) -> Result<(), StageError> {
         events::dead_lettered("dispatch", status, reason);
-        let mut headers: Vec<(String, Vec<u8>)> = msg
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-            .unwrap_or_default();
-        headers.push((DLQ_REASON_HEADER.into(), format!("{status}: {reason}").into_bytes()));
-        headers.push((DLQ_SOURCE_HEADER.into(), source.as_bytes().to_vec()));
-        out.push(Output {
-            topic: self.dlq.clone(),
-            partition: None,
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec),
-            headers,
-        });
+        out.push(Output::dead_letter(msg, &self.dlq, format!("{status}: {reason}"), source));
         match w {
             Some(w) => self.outcome(w, status, None, None, Some(reason.to_string()), None, out, log).await,
             None => {

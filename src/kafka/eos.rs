@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -40,6 +40,29 @@ pub struct Output {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// DLQ headers: why a record was dead-lettered, and the `topic:partition:offset` it came from.
+pub const DLQ_REASON_HEADER: &str = "herald-dlq-reason";
+pub const DLQ_SOURCE_HEADER: &str = "herald-dlq-source";
+
+impl Output {
+    /// The original record (key, bytes, headers) for the DLQ, plus why and where from.
+    pub fn dead_letter(msg: &OwnedMessage, dlq: &str, reason: String, source: &str) -> Output {
+        let mut headers: Vec<(String, Vec<u8>)> = msg
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        headers.push((DLQ_REASON_HEADER.into(), reason.into_bytes()));
+        headers.push((DLQ_SOURCE_HEADER.into(), source.as_bytes().to_vec()));
+        Output {
+            topic: dlq.to_string(),
+            partition: None,
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
 }
 
 /// Stop a partition at `offset` (not processed, not committed) until `until_ms` (epoch ms).

@@ -42,9 +42,7 @@ use policy::QuietHours;
 
 /// Header on delay-topic records: when the hold ends (epoch ms, decimal).
 pub const DUE_AT_HEADER: &str = "herald-due-at";
-/// DLQ headers: why, and where the record came from.
-pub const DLQ_REASON_HEADER: &str = "herald-dlq-reason";
-pub const DLQ_SOURCE_HEADER: &str = "herald-dlq-source";
+pub use crate::kafka::eos::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
 
 /// Everything the router needs, shared by its stages.
 pub struct Router {
@@ -362,20 +360,7 @@ impl Router {
         log: &mut Vec<DeliveryOutcome>,
     ) -> Result<(), StageError> {
         events::dead_lettered("router", reject.status, &reject.reason);
-        let mut headers: Vec<(String, Vec<u8>)> = src
-            .msg
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-            .unwrap_or_default();
-        headers.push((DLQ_REASON_HEADER.into(), format!("{}: {}", reject.status, reject.reason).into_bytes()));
-        headers.push((DLQ_SOURCE_HEADER.into(), src.id.clone().into_bytes()));
-        out.push(Output {
-            topic: self.topics.dlq.clone(),
-            partition: None,
-            key: src.msg.key().map(<[u8]>::to_vec),
-            payload: src.msg.payload().map(<[u8]>::to_vec),
-            headers,
-        });
+        out.push(Output::dead_letter(src.msg, &self.topics.dlq, format!("{}: {}", reject.status, reject.reason), &src.id));
         let placeholder;
         let req = match req {
             Some(r) => r,
