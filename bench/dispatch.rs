@@ -45,12 +45,7 @@ async fn main() {
     println!("dispatch bench: {n} email deliveries per run");
     let sandbox = sandbox::start(SandboxConfig { listen: "127.0.0.1:0".into(), ..Default::default() }).await.unwrap();
     let url = sandbox.url();
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/sandbox/dev-keys");
-    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.toml"))
-        .unwrap()
-        .replace("http://127.0.0.1:8090", &url)
-        .replace("\"sandbox/dev-keys", &format!("\"{keys}"))
-        .replace("listen = \"127.0.0.1:8090\"", "listen = \"127.0.0.1:0\"")
+    let config = common::env::sandbox_providers_toml(&url)
         + "\n[dispatch]\nbatch_max = 1000\nconcurrency = 1000\n[dispatch.limits.sendgrid]\nconcurrency = 1000\nrate_per_sec = 100000.0\n";
     let env = Env::start_with(&config, false).await;
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();

@@ -26,13 +26,7 @@ struct Harness {
 /// `[dispatch]` settings.
 async fn harness(dispatch: &str) -> Harness {
     let sandbox = sandbox::start(SandboxConfig { listen: "127.0.0.1:0".into(), ..Default::default() }).await.unwrap();
-    let url = sandbox.url();
-    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/sandbox/dev-keys");
-    let providers = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.toml"))
-        .unwrap()
-        .replace("http://127.0.0.1:8090", &url)
-        .replace("\"sandbox/dev-keys", &format!("\"{keys}"))
-        .replace("listen = \"127.0.0.1:8090\"", "listen = \"127.0.0.1:0\"");
+    let providers = common::env::sandbox_providers_toml(&sandbox.url());
     let config = format!("{providers}\n[dispatch]\nbreaker_failures = 3\nbreaker_open_for = \"3s\"\n{dispatch}\n");
     let env = Env::start(&config).await;
     Harness { env, sandbox, http: reqwest::Client::new() }

@@ -335,6 +335,16 @@ fn regex_partitions(text: &str) -> String {
     out
 }
 
+/// `config/sandbox.toml` pointed at a sandbox on `url`, with absolute dev-key paths.
+pub fn sandbox_providers_toml(url: &str) -> String {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/sandbox/dev-keys");
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.toml"))
+        .unwrap()
+        .replace("http://127.0.0.1:8090", url)
+        .replace("\"sandbox/dev-keys", &format!("\"{keys}"))
+        .replace("listen = \"127.0.0.1:8090\"", "listen = \"127.0.0.1:0\"")
+}
+
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
