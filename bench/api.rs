@@ -134,12 +134,24 @@ async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds
         }));
     }
     let (mut lat, mut errors) = (Vec::new(), 0);
-    for t in tasks {
+    // Where the slow requests fall in time: stalls show up as a few bad 100 ms windows.
+    let mut slow_windows: std::collections::BTreeMap<u64, usize> = Default::default();
+    for (i, t) in tasks.into_iter().enumerate() {
         match t.await.unwrap() {
-            (true, d) => lat.push(d),
+            (true, d) => {
+                if d > Duration::from_millis(10) {
+                    *slow_windows.entry((interval * i as u32).as_millis() as u64 / 100).or_default() += 1;
+                }
+                lat.push(d)
+            }
             (false, _) => errors += 1,
         }
     }
+    let slow: usize = slow_windows.values().sum();
+    let mut worst: Vec<_> = slow_windows.iter().collect();
+    worst.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+    let worst: Vec<String> = worst.iter().take(8).map(|(w, n)| format!("{:.1}s:{n}", **w as f64 / 10.0)).collect();
+    println!("open loop: {slow} requests over 10 ms, in {} of {} 100 ms windows; worst: {}", slow_windows.len(), seconds * 10, worst.join(" "));
     stats(lat, errors, seconds as f64)
 }
 

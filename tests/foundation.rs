@@ -171,11 +171,37 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
     let other = store.claim_event("e1", "herald.requests", 5, 7, ttl).await.unwrap();
     assert_eq!(other, first, "another record with the same event_id sees the first owner");
 
-    // The same semantics without a lightweight transaction (router.dedup_mode = single_writer).
-    let first = store.claim_event_single_writer("e2", "herald.requests", 1, 9, ttl).await.unwrap();
-    assert_eq!(first, DedupClaim { source_topic: "herald.requests".into(), partition: 1, offset: 9 });
-    assert_eq!(store.claim_event_single_writer("e2", "herald.requests", 1, 9, ttl).await.unwrap(), first);
-    assert_eq!(store.claim_event_single_writer("e2", "herald.requests", 4, 1, ttl).await.unwrap(), first);
+    // Batch forms: many claims at once (LWT), and the read/write halves used when one
+    // writer owns each event id (router.dedup_mode = single_writer), read with IN.
+    let claim = |p: i32, o: i64| DedupClaim { source_topic: "herald.requests".into(), partition: p, offset: o };
+    let owners = store.claim_events(&[("e1", claim(9, 9)), ("e3", claim(2, 20))], ttl).await.unwrap();
+    assert_eq!(owners["e1"], first, "an existing claim keeps its owner");
+    assert_eq!(owners["e3"], claim(2, 20));
+    let many: Vec<String> = (0..250).map(|i| format!("sw-{i}")).collect();
+    let ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(store.claims(&ids).await.unwrap().is_empty());
+    let writes: Vec<(&str, DedupClaim)> = ids.iter().step_by(2).map(|id| (*id, claim(1, 9))).collect();
+    store.put_claims(&writes, ttl).await.unwrap();
+    let found = store.claims(&ids).await.unwrap();
+    assert_eq!(found.len(), 125, "every written claim read back across IN chunks");
+    assert_eq!(found["sw-0"], claim(1, 9));
+    assert!(!found.contains_key("sw-1"));
+
+    // Throttle hits: written per user × channel × category, read for many users at once.
+    let at = chrono::Utc::now();
+    let hit = |u: &str, e: &str| NewThrottleHit {
+        user_id: u.into(),
+        channel: "email".into(),
+        category: "promo".into(),
+        hit: ThrottleHit { event_id: e.into(), at },
+        window: Duration::from_secs(3600),
+    };
+    store.put_throttle_hits(&[hit("t1", "a"), hit("t1", "b"), hit("t2", "c")]).await.unwrap();
+    let hits = store.throttle_hits("email", "promo", &["t1", "t2", "t3"]).await.unwrap();
+    assert_eq!(hits["t1"].len(), 2);
+    assert_eq!(hits["t2"][0].event_id, "c");
+    assert!(!hits.contains_key("t3"));
+    assert!(store.throttle_hits("sms", "promo", &["t1"]).await.unwrap().is_empty(), "per channel");
 
     let outcome = DeliveryOutcome {
         outcome_id: "o1".into(),

@@ -66,9 +66,11 @@ async fn router_paths() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let env = Env::start(&format!("{CATEGORIES}\n[telemetry]\nmetrics_listen = \"127.0.0.1:{port}\"\n")).await;
     let crashed = claimed_before_the_crash(&env).await;
+    let one_batch = produced_for_one_batch(&env).await;
     env.spawn("router", &["router"]);
     futures::join!(
         redelivered_record_is_not_a_duplicate(&env, crashed),
+        records_of_one_batch_see_each_other(&env, one_batch),
         routed_with_fan_out_to_every_device(&env),
         duplicate_event_id_is_not_delivered_twice(&env),
         unknown_user_no_address_and_opted_out(&env),
@@ -160,6 +162,87 @@ async fn redelivered_record_is_not_a_duplicate(env: &Env, req: NotificationReque
     // ...while a different record carrying the same event id is one.
     env.send(&req).await;
     env.wait_outcomes(&req.event_id, WAIT, has("duplicate", None)).await;
+}
+
+/// Records produced before the router starts, so they arrive in its first batch, whose
+/// store reads happen once for the whole batch: (a duplicate pair, three throttled promos,
+/// a request for a template that does not exist yet).
+struct OneBatch {
+    duplicated: NotificationRequested,
+    promos: Vec<NotificationRequested>,
+    missing_template: NotificationRequested,
+}
+
+async fn produced_for_one_batch(env: &Env) -> OneBatch {
+    let user = unique("batch");
+    env.user(&user, true, false, &[], None).await;
+    let duplicated = request(&user, "billing", "bill_due", &[("amount", "3")]);
+    env.send(&duplicated).await;
+    env.send(&duplicated).await;
+    let promos: Vec<_> = (0..3).map(|n| request(&user, "promo", "promo", &[("n", &n.to_string())])).collect();
+    for p in &promos {
+        env.send(p).await;
+    }
+    let missing_template = request(&user, "billing", &unique("later_tpl"), &[]);
+    env.send(&missing_template).await;
+    OneBatch { duplicated, promos, missing_template }
+}
+
+async fn records_of_one_batch_see_each_other(env: &Env, b: OneBatch) {
+    // The second record of a pair in one batch is a duplicate of the first.
+    let os = env.wait_outcomes(&b.duplicated.event_id, WAIT, |os| has("routed", Some("email"))(os) && has("duplicate", None)(os)).await;
+    assert_eq!(os.iter().filter(|o| o.status == "routed").count(), 1, "{:?}", statuses(&os));
+    env.wait_deliveries(&b.duplicated.event_id, 1, WAIT).await;
+    assert_eq!(env.deliveries(&b.duplicated.event_id).len(), 1);
+
+    // promo is limited to 2 per day: the batch counts its own admissions.
+    let mut statuses_seen = Vec::new();
+    for p in &b.promos {
+        let os = env.wait_outcomes(&p.event_id, WAIT, |os| has("routed", Some("email"))(os) || has("throttled", Some("email"))(os)).await;
+        statuses_seen.push(if has("routed", Some("email"))(&os) { "routed" } else { "throttled" });
+    }
+    assert_eq!(statuses_seen, ["routed", "routed", "throttled"]);
+
+    // Refused before dedup (unknown template), then the template is published and the dead
+    // letter replayed: the replay claims the event as its original record and is routed.
+    let tpl = b.missing_template.template_id.clone();
+    env.wait_outcomes(&b.missing_template.event_id, WAIT, has("rejected", None)).await;
+    env.store
+        .put_template(&herald::store::Template {
+            template_id: tpl.clone(),
+            category: "billing".into(),
+            current_version: 1,
+            default_channels: vec!["email".into()],
+            tracking: false,
+            sample_params: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    env.store
+        .put_template_content(&herald::store::TemplateContent {
+            template_id: tpl.clone(),
+            version: 1,
+            channel: "email".into(),
+            locale: "en".into(),
+            subject: Some("Now it exists".into()),
+            html: Some("<p>late</p>".into()),
+            text: Some("late".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
+    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", &tpl).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["replay", "--reason", &tpl, "--source", "requests"])
+        .env("HERALD_CONFIG", &env.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 record(s) replayed to"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let os = env.wait_outcomes(&b.missing_template.event_id, WAIT, has("routed", Some("email"))).await;
+    assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
 }
 
 async fn unknown_user_no_address_and_opted_out(env: &Env) {

@@ -8,6 +8,13 @@
 //! also written to the notification log. Everything written to Cassandra is keyed so that
 //! re-processing a record after a crash writes the same rows again.
 //!
+//! The store is used per batch, not per record: every record is staged (decoded, checked),
+//! then the batch's dedup claims, contacts and throttle hits are read in one go (`IN` reads,
+//! concurrent cache loads), the records are decided in order against that state (so records
+//! of one batch see each other's claims and throttle hits), and the resulting writes (claims,
+//! throttle hits, the notification log) are flushed in unlogged batches before the Kafka
+//! transaction commits.
+//!
 //! - [`policy`]: pure decisions (addresses, opt-in, expiry, quiet hours, ids).
 //! - [`contacts`]: the bounded cache and its invalidation by the changes topic.
 //! - [`triggers`]: mapping upstream domain events onto requests.
@@ -16,13 +23,13 @@ pub mod contacts;
 pub mod policy;
 pub mod triggers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use apache_avro::Schema;
 use chrono::Utc;
 use chrono_tz::Tz;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
@@ -33,11 +40,11 @@ use crate::error::Classify;
 use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, StageSettings};
 use crate::model::{delivery_id, now_ms, ChannelDelivery, DeliveryOutcome, NotificationRequested, Priority};
 use crate::render::RenderContext;
-use crate::store::Store;
+use crate::store::{DedupClaim, NewThrottleHit, Store, ThrottleHit};
 use crate::telemetry::events;
 use crate::topology::Topology;
 use crate::tracking::TrackingSettings;
-use contacts::Contacts;
+use contacts::{Contact, Contacts, LoadedTemplate, Prefs};
 use policy::QuietHours;
 
 /// Header on delay-topic records: when the hold ends (epoch ms, decimal).
@@ -97,11 +104,55 @@ struct Source<'a> {
     released: bool,
 }
 
-/// What routing one record gave.
-enum Routed {
-    Done(Vec<Output>),
-    /// Not due yet (delay topic): hold the partition at this record until the instant.
-    NotDue(i64),
+impl Source<'_> {
+    /// The record a dedup claim names: itself, or for a replayed record (`herald replay`)
+    /// the record it copies, so the copy is not a duplicate of its original.
+    fn claimant(&self) -> DedupClaim {
+        let own = || DedupClaim { source_topic: self.msg.topic().to_string(), partition: self.msg.partition(), offset: self.msg.offset() };
+        let Some(of) = header(self.msg, crate::replay::REPLAY_OF_HEADER) else { return own() };
+        let mut parts = of.rsplitn(3, ':');
+        match (parts.next().map(str::parse::<i64>), parts.next().map(str::parse::<i32>), parts.next()) {
+            (Some(Ok(offset)), Some(Ok(partition)), Some(topic)) => DedupClaim { source_topic: topic.to_string(), partition, offset },
+            _ => own(),
+        }
+    }
+}
+
+/// A record after decoding and the checks that need no user data.
+enum Staged {
+    /// Refused (DLQ + outcome); the request when it decoded.
+    Refused(Option<NotificationRequested>, Reject),
+    Ready(Ready),
+}
+
+/// A request with a known category and template and valid channels.
+struct Ready {
+    req: NotificationRequested,
+    template: Arc<Option<LoadedTemplate>>,
+    /// Distinct, valid request channels.
+    channels: Vec<String>,
+}
+
+/// What a batch needs from the store, read once for the whole batch before any record is
+/// decided, and updated in memory as records are decided (records of one batch see each
+/// other's claims and throttle hits).
+#[derive(Default)]
+struct BatchState {
+    /// event id → who claimed it (LWT mode: after claiming; single-writer mode: existing).
+    owners: HashMap<String, DedupClaim>,
+    /// Records (by claimant) that already went through in this batch.
+    passed: HashSet<String>,
+    contacts: HashMap<String, (Arc<Option<Contact>>, Arc<Prefs>)>,
+    /// (user, channel, category) → hits.
+    hits: HashMap<(String, String, String), Vec<ThrottleHit>>,
+}
+
+/// Store writes a batch makes, flushed before its Kafka transaction commits.
+#[derive(Default)]
+struct BatchWrites {
+    claims: Vec<(String, DedupClaim)>,
+    hits: Vec<NewThrottleHit>,
+    log: Vec<DeliveryOutcome>,
 }
 
 /// A record the router refuses: DLQ + outcome `rejected` (or `template_error`).
@@ -142,78 +193,159 @@ impl Router {
         &self.contacts
     }
 
-    /// Routes one record; retryable failures (store, registry) fail the whole batch.
-    async fn route(&self, src: &Source<'_>) -> Result<Routed, StageError> {
-        let mut out = Vec::new();
-        let mut log = Vec::new();
+    /// Decodes a record and checks what needs no user data: category, template, channels.
+    /// Retryable failures (registry, store) fail the whole batch.
+    async fn stage(&self, src: &Source<'_>) -> Result<Staged, StageError> {
         let req = match self.decode(src).await {
             Ok(r) => r,
             Err(e) if e.is_retryable() => return Err(StageError::Retryable(e.to_string())),
-            Err(e) => {
-                let reject = Reject { status: "rejected", reason: e.to_string() };
-                self.reject(src, None, reject, &mut out, &mut log).await?;
-                return self.finish(out, log).await;
+            Err(e) => return Ok(Staged::Refused(None, Reject { status: "rejected", reason: e.to_string() })),
+        };
+        let refuse = |req, reason: String| Ok(Staged::Refused(Some(req), Reject { status: "rejected", reason }));
+        if !self.cfg.categories.contains_key(&req.category) {
+            let why = format!("unknown category '{}'", req.category);
+            return refuse(req, why);
+        }
+        let template = self.contacts.template(&req.template_id).await.map_err(StageError::classify)?;
+        let Some(t) = template.as_ref() else {
+            let why = format!("unknown template '{}'", req.template_id);
+            return refuse(req, why);
+        };
+        let mut channels: Vec<String> = Vec::new();
+        let asked = match &req.channels {
+            Some(c) if !c.is_empty() => c,
+            _ => &t.meta.default_channels,
+        };
+        for c in asked {
+            if !policy::CHANNELS.contains(&c.as_str()) {
+                let why = format!("unknown channel '{c}' (push, sms, email)");
+                return refuse(req, why);
+            }
+            if !channels.contains(c) {
+                channels.push(c.clone());
+            }
+        }
+        Ok(Staged::Ready(Ready { req, template, channels }))
+    }
+
+    /// Reads what the batch's records need from the store, concurrently: dedup claims (or,
+    /// with lightweight transactions, makes them), contacts and preferences through the
+    /// cache, and the throttle hits of every throttled user × channel × category.
+    async fn prefetch(&self, ready: &[(&Source<'_>, &Ready)]) -> Result<BatchState, StageError> {
+        let mut first_claimant: Vec<(&str, DedupClaim)> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut users = Vec::new();
+        let mut seen_users = HashSet::new();
+        let mut throttled: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+        let mut seen_keys = HashSet::new();
+        for (src, r) in ready {
+            if seen_users.insert(r.req.user_id.as_str()) {
+                users.push(r.req.user_id.as_str());
+            }
+            if src.released {
+                continue;
+            }
+            if seen.insert(r.req.event_id.as_str()) {
+                first_claimant.push((r.req.event_id.as_str(), src.claimant()));
+            }
+            let policy = &self.cfg.categories[&r.req.category];
+            if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
+                for ch in &r.channels {
+                    if seen_keys.insert((r.req.user_id.as_str(), ch.as_str(), r.req.category.as_str())) {
+                        throttled.entry((ch.as_str(), r.req.category.as_str())).or_default().push(r.req.user_id.as_str());
+                    }
+                }
+            }
+        }
+        let ttl = self.cfg.dedup_ttl;
+        let owners = async {
+            if self.cfg.dedup_mode == "single_writer" {
+                let ids: Vec<&str> = first_claimant.iter().map(|(id, _)| *id).collect();
+                self.store.claims(&ids).await
+            } else {
+                self.store.claim_events(&first_claimant, ttl).await
             }
         };
-        if src.released {
-            let due = header(src.msg, DUE_AT_HEADER).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-            if due > now_ms() {
-                return Ok(Routed::NotDue(due));
-            }
-        }
-        match self.route_request(src, &req, &mut out, &mut log).await? {
-            Ok(()) => {}
-            Err(reject) => {
-                out.clear();
-                log.clear();
-                self.reject(src, Some(&req), reject, &mut out, &mut log).await?;
-            }
-        }
-        self.finish(out, log).await
+        let loads: Vec<_> = users
+            .into_iter()
+            .map(|u| async move {
+                let (c, p) = tokio::try_join!(self.contacts.contact(u), self.contacts.prefs(u))?;
+                Ok::<_, crate::store::StoreError>((u.to_string(), (c, p)))
+            })
+            .collect();
+        let contacts = futures::stream::iter(loads)
+            .buffer_unordered(self.cfg.concurrency)
+            .try_collect::<HashMap<_, _>>();
+        let hits = futures::future::try_join_all(throttled.iter().map(|((ch, cat), users)| async move {
+            let found = self.store.throttle_hits(ch, cat, users).await?;
+            Ok::<_, crate::store::StoreError>(found.into_iter().map(|(u, h)| ((u, ch.to_string(), cat.to_string()), h)).collect::<Vec<_>>())
+        }));
+        let (owners, contacts, hits) = tokio::try_join!(owners, contacts, hits).map_err(StageError::classify)?;
+        Ok(BatchState { owners, contacts, hits: hits.into_iter().flatten().collect(), passed: HashSet::new() })
     }
 
-    async fn finish(&self, out: Vec<Output>, log: Vec<DeliveryOutcome>) -> Result<Routed, StageError> {
-        self.store.log_outcomes(&log).await.map_err(StageError::classify)?;
-        Ok(Routed::Done(out))
+    /// Flushes the batch's store writes (before its Kafka transaction commits; all are
+    /// idempotent, so a batch processed again writes the same rows).
+    async fn flush(&self, writes: &BatchWrites) -> Result<(), StageError> {
+        let claims: Vec<(&str, DedupClaim)> = writes.claims.iter().map(|(id, c)| (id.as_str(), c.clone())).collect();
+        tokio::try_join!(
+            self.store.put_claims(&claims, self.cfg.dedup_ttl),
+            self.store.put_throttle_hits(&writes.hits),
+            self.store.log_outcomes(&writes.log),
+        )
+        .map_err(StageError::classify)?;
+        Ok(())
     }
 
-    /// The pipeline after decoding. `Ok(Err(reject))` = refuse the record (DLQ).
+    /// Decides one staged record with the batch's state: outputs and store writes.
+    async fn decide(&self, src: &Source<'_>, staged: Staged, st: &mut BatchState, writes: &mut BatchWrites) -> Result<Vec<Output>, StageError> {
+        let mut out = Vec::new();
+        let mut log = Vec::new();
+        let (req, reject) = match staged {
+            Staged::Refused(req, reject) => (req, reject),
+            Staged::Ready(ready) => match self.route_request(src, &ready, st, writes, &mut out, &mut log).await? {
+                Ok(()) => {
+                    writes.log.extend(log);
+                    return Ok(out);
+                }
+                Err(reject) => (Some(ready.req), reject),
+            },
+        };
+        out.clear();
+        log.clear();
+        self.reject(src, req.as_ref(), reject, &mut out, &mut log).await?;
+        writes.log.extend(log);
+        Ok(out)
+    }
+
+    /// The pipeline after staging. `Ok(Err(reject))` = refuse the record (DLQ).
     async fn route_request(
         &self,
         src: &Source<'_>,
-        req: &NotificationRequested,
+        ready: &Ready,
+        st: &mut BatchState,
+        writes: &mut BatchWrites,
         out: &mut Vec<Output>,
         log: &mut Vec<DeliveryOutcome>,
     ) -> Result<Result<(), Reject>, StageError> {
-        let reject = |reason: String| Ok(Err(Reject { status: "rejected", reason }));
-        let Some(policy) = self.cfg.categories.get(&req.category) else {
-            return reject(format!("unknown category '{}'", req.category));
+        let req = &ready.req;
+        let policy = &self.cfg.categories[&req.category];
+        let Some(template) = ready.template.as_ref() else {
+            return Ok(Err(Reject { status: "rejected", reason: format!("unknown template '{}'", req.template_id) }));
         };
-        let template = self.contacts.template(&req.template_id).await.map_err(StageError::classify)?;
-        let Some(template) = template.as_ref() else {
-            return reject(format!("unknown template '{}'", req.template_id));
-        };
-        let channels: Vec<String> = match &req.channels {
-            Some(c) if !c.is_empty() => c.clone(),
-            _ => template.meta.default_channels.clone(),
-        };
-        if let Some(bad) = channels.iter().find(|c| !policy::CHANNELS.contains(&c.as_str())) {
-            return reject(format!("unknown channel '{bad}' (push, sms, email)"));
-        }
 
         if !src.released {
-            let (topic, partition, offset) = (src.msg.topic(), src.msg.partition(), src.msg.offset());
-            let claim = if self.cfg.dedup_mode == "single_writer" {
-                self.store.claim_event_single_writer(&req.event_id, topic, partition, offset, self.cfg.dedup_ttl).await
-            } else {
-                self.store.claim_event(&req.event_id, topic, partition, offset, self.cfg.dedup_ttl).await
-            }
-            .map_err(StageError::classify)?;
-            let owner = format!("{}:{}:{}", claim.source_topic, claim.partition, claim.offset);
-            // A replayed record (herald replay) stands for the record it copies.
-            let me = header(src.msg, crate::replay::REPLAY_OF_HEADER).unwrap_or_else(|| src.id.clone());
-            if owner != me {
-                self.outcome(src, req, "duplicate", None, None, Some(format!("first seen at {owner}")), out, log).await?;
+            let me = src.claimant();
+            let owner = st.owners.entry(req.event_id.clone()).or_insert_with(|| {
+                // Single-writer mode, first sight: this record claims the id.
+                writes.claims.push((req.event_id.clone(), me.clone()));
+                me.clone()
+            });
+            let me_id = format!("{}:{}:{}", me.source_topic, me.partition, me.offset);
+            let owner_id = format!("{}:{}:{}", owner.source_topic, owner.partition, owner.offset);
+            if owner_id != me_id || !st.passed.insert(me_id.clone()) {
+                let why = if owner_id == me_id { format!("{me_id} went through earlier in this batch") } else { format!("first seen at {owner_id}") };
+                self.outcome(src, req, "duplicate", None, None, Some(why), out, log).await?;
                 return Ok(Ok(()));
             }
         }
@@ -222,20 +354,20 @@ impl Router {
             self.outcome(src, req, "expired", None, None, None, out, log).await?;
             return Ok(Ok(()));
         }
-        let contact = self.contacts.contact(&req.user_id).await.map_err(StageError::classify)?;
+        let (contact, prefs) = match st.contacts.get(&req.user_id) {
+            Some((c, p)) => (c.clone(), p.clone()),
+            None => {
+                let c = self.contacts.contact(&req.user_id).await.map_err(StageError::classify)?;
+                (c, self.contacts.prefs(&req.user_id).await.map_err(StageError::classify)?)
+            }
+        };
         let Some(contact) = contact.as_ref() else {
             self.outcome(src, req, "unknown_user", None, None, None, out, log).await?;
             return Ok(Ok(()));
         };
-        let prefs = self.contacts.prefs(&req.user_id).await.map_err(StageError::classify)?;
 
         let mut plan = Vec::new();
-        let mut seen = Vec::new();
-        for ch in &channels {
-            if seen.contains(&ch) {
-                continue;
-            }
-            seen.push(ch);
+        for ch in &ready.channels {
             let addrs = policy::addresses(ch, &contact.user, &contact.devices, &contact.health);
             if addrs.is_empty() {
                 self.outcome(src, req, "no_address", Some(ch), None, None, out, log).await?;
@@ -246,15 +378,21 @@ impl Router {
                 continue;
             }
             if let (Some(limit), Some(window), false) = (policy.throttle_limit, policy.throttle_window, src.released) {
-                let admitted = self
-                    .store
-                    .throttle_admit(&req.user_id, ch, &req.category, &req.event_id, limit, window)
-                    .await
-                    .map_err(StageError::classify)?;
-                if !admitted {
-                    let why = format!("more than {limit} {} per {}", req.category, crate::config::duration::format(&window));
-                    self.outcome(src, req, "throttled", Some(ch), None, Some(why), out, log).await?;
-                    continue;
+                let at = chrono::Utc::now();
+                let since = at - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+                let hits = st.hits.entry((req.user_id.clone(), ch.clone(), req.category.clone())).or_default();
+                match policy::throttle(hits, &req.event_id, limit, since) {
+                    policy::Throttle::Counted => {}
+                    policy::Throttle::Admit => {
+                        let hit = ThrottleHit { event_id: req.event_id.clone(), at };
+                        hits.push(hit.clone());
+                        writes.hits.push(NewThrottleHit { user_id: req.user_id.clone(), channel: ch.clone(), category: req.category.clone(), hit, window });
+                    }
+                    policy::Throttle::Throttled => {
+                        let why = format!("more than {limit} {} per {}", req.category, crate::config::duration::format(&window));
+                        self.outcome(src, req, "throttled", Some(ch), None, Some(why), out, log).await?;
+                        continue;
+                    }
                 }
             }
             plan.push((ch.clone(), addrs));
@@ -262,7 +400,6 @@ impl Router {
         if plan.is_empty() {
             return Ok(Ok(()));
         }
-
         let priority = policy::effective_priority(req.priority, policy);
         if !src.released && policy.quiet_hours && priority < Priority::High {
             let tz = policy::timezone(&contact.user, self.default_tz);
@@ -427,53 +564,47 @@ impl Router {
         Ok(())
     }
 
-    /// Routes a batch: records of one group (same key, or same partition for the delay
-    /// topic) in order, groups concurrently; outputs in record order.
+    /// Routes a batch: stage every record (decode, static checks), read what they need from
+    /// the store in one go, decide them in record order, flush the store writes; outputs in
+    /// record order. On the delay topic a record not yet due holds its partition there.
     async fn route_batch(&self, batch: &[OwnedMessage], released: bool) -> Result<BatchResult, StageError> {
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
-        for (i, m) in batch.iter().enumerate() {
-            let key = if released {
-                format!("{}:{}", m.topic(), m.partition()).into_bytes()
-            } else {
-                m.key().map(<[u8]>::to_vec).unwrap_or_else(|| format!("#{i}").into_bytes())
-            };
-            match index.get(&key) {
-                Some(&g) => groups[g].push(i),
-                None => {
-                    index.insert(key, groups.len());
-                    groups.push(vec![i]);
+        let now = now_ms();
+        let mut holds = Vec::new();
+        let mut held = HashSet::new();
+        let mut sources = Vec::with_capacity(batch.len());
+        for msg in batch {
+            if released {
+                let tp = (msg.topic(), msg.partition());
+                if held.contains(&tp) {
+                    continue;
+                }
+                let due = header(msg, DUE_AT_HEADER).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                if due > now {
+                    held.insert(tp);
+                    holds.push(Hold { topic: msg.topic().into(), partition: msg.partition(), offset: msg.offset(), until_ms: due });
+                    continue;
                 }
             }
+            sources.push(Source { msg, id: format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()), released });
         }
-        let results: Vec<Result<(Vec<(usize, Vec<Output>)>, Option<Hold>), StageError>> = futures::stream::iter(groups)
-            .map(|group| async move {
-                let mut done = Vec::new();
-                for i in group {
-                    let msg = &batch[i];
-                    let src = Source { msg, id: format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()), released };
-                    match self.route(&src).await? {
-                        Routed::Done(out) => done.push((i, out)),
-                        Routed::NotDue(until_ms) => {
-                            let hold = Hold { topic: msg.topic().into(), partition: msg.partition(), offset: msg.offset(), until_ms };
-                            return Ok((done, Some(hold)));
-                        }
-                    }
-                }
-                Ok((done, None))
+        let stages: Vec<_> = sources.iter().map(|src| self.stage(src)).collect();
+        let staged: Vec<Staged> = futures::stream::iter(stages).buffered(self.cfg.concurrency).try_collect().await?;
+        let ready: Vec<(&Source<'_>, &Ready)> = sources
+            .iter()
+            .zip(&staged)
+            .filter_map(|(src, s)| match s {
+                Staged::Ready(r) => Some((src, r)),
+                Staged::Refused(..) => None,
             })
-            .buffer_unordered(self.cfg.concurrency)
-            .collect()
-            .await;
-        let mut all = Vec::new();
-        let mut holds = Vec::new();
-        for r in results {
-            let (done, hold) = r?;
-            all.extend(done);
-            holds.extend(hold);
+            .collect();
+        let mut state = self.prefetch(&ready).await?;
+        let mut writes = BatchWrites::default();
+        let mut outputs = Vec::new();
+        for (src, s) in sources.iter().zip(staged) {
+            outputs.extend(self.decide(src, s, &mut state, &mut writes).await?);
         }
-        all.sort_by_key(|(i, _)| *i);
-        Ok(BatchResult { outputs: all.into_iter().flat_map(|(_, o)| o).collect(), holds })
+        self.flush(&writes).await?;
+        Ok(BatchResult { outputs, holds })
     }
 }
 

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::CategoryConfig;
 use crate::model::{NotificationRequested, Priority};
-use crate::store::{ContactHealth, Device, User};
+use crate::store::{ContactHealth, Device, ThrottleHit, User};
 
 /// Request-level channels a client may ask for.
 pub const CHANNELS: [&str; 3] = ["push", "sms", "email"];
@@ -159,6 +159,30 @@ pub fn outcome_id(source: &str, event_id: &str, status: &str, channel: Option<&s
     hex::encode(&h.finalize()[..16])
 }
 
+/// What a throttle limit says about one more send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// This event was counted before (the record is being processed again): still fits.
+    Counted,
+    /// Fits: record a hit for it.
+    Admit,
+    /// `limit` other sends already fall inside the window.
+    Throttled,
+}
+
+/// Checks one send of `event_id` against `limit` sends since `since`, given the hits recorded
+/// for that user × channel × category.
+pub fn throttle(hits: &[ThrottleHit], event_id: &str, limit: u32, since: DateTime<Utc>) -> Throttle {
+    if hits.iter().any(|h| h.event_id == event_id) {
+        return Throttle::Counted;
+    }
+    if hits.iter().filter(|h| h.at > since).count() >= limit as usize {
+        Throttle::Throttled
+    } else {
+        Throttle::Admit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -279,5 +303,17 @@ mod tests {
         assert_eq!(a, outcome_id("t:0:5", "e", "routed", Some("sms"), Some("d")));
         assert_ne!(a, outcome_id("t:0:6", "e", "routed", Some("sms"), Some("d")));
         assert_ne!(a, outcome_id("t:0:5", "e", "duplicate", Some("sms"), Some("d")));
+    }
+
+    #[test]
+    fn throttle_counts_hits_inside_the_window_and_recognises_a_counted_event() {
+        let now = Utc::now();
+        let hit = |id: &str, ago: i64| ThrottleHit { event_id: id.into(), at: now - ChronoDuration::seconds(ago) };
+        let since = now - ChronoDuration::hours(1);
+        let hits = vec![hit("a", 10), hit("b", 20), hit("old", 7200)];
+        assert_eq!(throttle(&hits, "c", 3, since), Throttle::Admit, "the old hit is outside the window");
+        assert_eq!(throttle(&hits, "c", 2, since), Throttle::Throttled);
+        assert_eq!(throttle(&hits, "a", 2, since), Throttle::Counted, "re-processing an admitted event");
+        assert_eq!(throttle(&[], "a", 0, since), Throttle::Throttled, "a zero limit admits nothing");
     }
 }

@@ -196,6 +196,44 @@ pub struct DedupClaim {
     pub offset: i64,
 }
 
+/// One counted send in a throttle window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleHit {
+    pub event_id: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A throttle hit to record for user × channel × category, kept for `window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewThrottleHit {
+    pub user_id: String,
+    pub channel: String,
+    pub category: String,
+    pub hit: ThrottleHit,
+    pub window: Duration,
+}
+
+/// Keys per `IN` read: one request instead of a hundred, still a small fan-out.
+const IN_CHUNK: usize = 100;
+/// Rows per unlogged write batch (a few KiB: under Scylla's and Cassandra's batch-size
+/// warnings for herald's small rows).
+const WRITE_CHUNK: usize = 20;
+/// Requests one batch operation keeps in flight.
+const IN_FLIGHT: usize = 64;
+
+/// Runs `f` over `items` with at most [`IN_FLIGHT`] at a time; results in any order.
+async fn bounded<'a, T, R, F, Fut>(items: &'a [T], f: F) -> Result<Vec<R>, StoreError>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: std::future::Future<Output = Result<R, StoreError>> + 'a,
+{
+    use futures::{StreamExt, TryStreamExt};
+    // Futures collected first: a closure inside the stream type trips rustc's
+    // higher-ranked lifetime check when the caller's future must be `Send`.
+    let futures: Vec<Fut> = items.iter().map(f).collect();
+    futures::stream::iter(futures).buffer_unordered(IN_FLIGHT).try_collect().await
+}
+
 /// One row of the notification log.
 #[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
 pub struct LogEntry {
@@ -264,9 +302,10 @@ pub struct Store {
     claim_event: PreparedStatement,
     put_claim: PreparedStatement,
     get_claim: PreparedStatement,
+    get_claims: PreparedStatement,
     put_log: PreparedStatement,
     log_of: PreparedStatement,
-    throttle_hits: PreparedStatement,
+    throttle_hits_of_users: PreparedStatement,
     put_throttle_hit: PreparedStatement,
     get_sent: PreparedStatement,
     put_sent: PreparedStatement,
@@ -346,9 +385,10 @@ impl Store {
             },
             put_claim: p("INSERT INTO dedup_claims (event_id, source_topic, partition, offset, claimed_at) VALUES (?, ?, ?, ?, toTimestamp(now())) USING TTL ?").await?,
             get_claim: p("SELECT source_topic, partition, offset FROM dedup_claims WHERE event_id = ?").await?,
+            get_claims: p("SELECT event_id, source_topic, partition, offset FROM dedup_claims WHERE event_id IN ?").await?,
             put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt FROM notification_log WHERE event_id = ?").await?,
-            throttle_hits: p("SELECT event_id, at FROM throttle_hits WHERE user_id = ? AND channel = ? AND category = ?").await?,
+            throttle_hits_of_users: p("SELECT user_id, event_id, at FROM throttle_hits WHERE user_id IN ? AND channel = ? AND category = ?").await?,
             put_throttle_hit: p("INSERT INTO throttle_hits (user_id, channel, category, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             get_sent: p("SELECT state, provider, provider_message_id, attempt, latency_ms FROM sent_log WHERE delivery_id = ?").await?,
             put_sent: p("INSERT INTO sent_log (delivery_id, state, provider, provider_message_id, attempt, latency_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
@@ -461,27 +501,39 @@ impl Store {
             .ok_or_else(|| query_err("claim event", "claim expired between write and read"))
     }
 
-    /// Like [`Store::claim_event`] without a lightweight transaction: read, then write if
-    /// absent. Safe when one writer owns each event id at a time (the router owns a request
-    /// partition, and records of one user, hence one event, share a partition); about a
-    /// quarter of the cost of the Paxos round trips.
-    pub async fn claim_event_single_writer(
-        &self,
-        event_id: &str,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        ttl: Duration,
-    ) -> Result<DedupClaim, StoreError> {
-        if let Some(existing) = self.claim(event_id).await? {
-            return Ok(existing);
-        }
+    /// Claims many event ids at once with [`Store::claim_event`] (one lightweight
+    /// transaction each, run concurrently): event id → owner.
+    pub async fn claim_events(&self, claims: &[(&str, DedupClaim)], ttl: Duration) -> Result<HashMap<String, DedupClaim>, StoreError> {
+        let owners = bounded(claims, |(id, c)| async move {
+            let owner = self.claim_event(id, &c.source_topic, c.partition, c.offset, ttl).await?;
+            Ok((id.to_string(), owner))
+        })
+        .await?;
+        Ok(owners.into_iter().collect())
+    }
+
+    /// The existing claims of `event_ids` (absent ids are missing from the map): the read
+    /// half of the claim when one writer owns each event id at a time
+    /// (`router.dedup_mode = single_writer`; see [`Store::put_claims`]).
+    pub async fn claims(&self, event_ids: &[&str]) -> Result<HashMap<String, DedupClaim>, StoreError> {
+        let chunks: Vec<&[&str]> = event_ids.chunks(IN_CHUNK).collect();
+        let found = bounded(&chunks, |ids| async move {
+            self.rows::<(String, String, i32, i64), _>(&self.get_claims, (ids,), "get claims").await
+        })
+        .await?;
+        Ok(found
+            .into_iter()
+            .flatten()
+            .map(|(id, source_topic, partition, offset)| (id, DedupClaim { source_topic, partition, offset }))
+            .collect())
+    }
+
+    /// Writes claims without a lightweight transaction (the write half of
+    /// [`Store::claims`]): safe when one writer owns each event id at a time.
+    pub async fn put_claims(&self, claims: &[(&str, DedupClaim)], ttl: Duration) -> Result<(), StoreError> {
         let ttl = ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
-        self.session
-            .execute_unpaged(&self.put_claim, (event_id, topic, partition, offset, ttl))
-            .await
-            .map_err(|e| query_err("claim event", e))?;
-        Ok(DedupClaim { source_topic: topic.into(), partition, offset })
+        let rows: Vec<_> = claims.iter().map(|(id, c)| (*id, &c.source_topic, c.partition, c.offset, ttl)).collect();
+        self.write_rows(&self.put_claim, rows, "put claims").await
     }
 
     pub async fn claim(&self, event_id: &str) -> Result<Option<DedupClaim>, StoreError> {
@@ -490,25 +542,31 @@ impl Store {
 
     /// Writes outcomes to the notification log: one unlogged batch per event (one partition).
     pub async fn log_outcomes(&self, outcomes: &[crate::model::DeliveryOutcome]) -> Result<(), StoreError> {
-        let mut by_event: HashMap<&str, Vec<&crate::model::DeliveryOutcome>> = HashMap::new();
-        for o in outcomes {
-            by_event.entry(o.event_id.as_str()).or_default().push(o);
+        // Sorted so one event's outcomes share a batch as far as possible.
+        let mut sorted: Vec<&crate::model::DeliveryOutcome> = outcomes.iter().collect();
+        sorted.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        self.write_rows(&self.put_log, sorted.into_iter().map(log_values).collect(), "log outcomes").await
+    }
+
+    /// Writes many rows with one statement: unlogged batches of [`WRITE_CHUNK`] rows (one
+    /// request each instead of one per row), [`IN_FLIGHT`] at a time. Every write here is an
+    /// idempotent upsert, so a batch failing half-way is simply written again.
+    async fn write_rows<V: scylla::serialize::row::SerializeRow + Sync>(&self, st: &PreparedStatement, rows: Vec<V>, op: &'static str) -> Result<(), StoreError> {
+        if let [one] = rows.as_slice() {
+            self.session.execute_unpaged(st, one).await.map_err(|e| query_err(op, e))?;
+            return Ok(());
         }
-        let writes = by_event.into_values().map(|group| async move {
-            if let [one] = group.as_slice() {
-                return self.log_outcome(one).await;
-            }
+        let chunks: Vec<&[V]> = rows.chunks(WRITE_CHUNK).collect();
+        bounded(&chunks, |chunk| async move {
             let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
-            let mut values = Vec::with_capacity(group.len());
-            for o in group {
-                batch.append_statement(self.put_log.clone());
-                values.push(log_values(o));
+            for _ in 0..chunk.len() {
+                batch.append_statement(st.clone());
             }
             batch.set_is_idempotent(true);
-            self.session.batch(&batch, values).await.map_err(|e| query_err("log outcomes", e))?;
+            self.session.batch(&batch, *chunk).await.map_err(|e| query_err(op, e))?;
             Ok(())
-        });
-        futures::future::try_join_all(writes).await?;
+        })
+        .await?;
         Ok(())
     }
 
@@ -576,35 +634,28 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Counts `event_id` against the user × channel × category limit: `true` when it fits
-    /// (and is now recorded), `false` when `limit` others already fall inside `window`.
-    /// Re-asking for the same event gives the same answer (it was already counted).
-    pub async fn throttle_admit(
-        &self,
-        user_id: &str,
-        channel: &str,
-        category: &str,
-        event_id: &str,
-        limit: u32,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = chrono::Utc::now();
-        let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-        let hits: Vec<(String, chrono::DateTime<chrono::Utc>)> =
-            self.rows(&self.throttle_hits, (user_id, channel, category), "throttle hits").await?;
-        if hits.iter().any(|(e, _)| e == event_id) {
-            return Ok(true);
+    /// The throttle hits of `users` for one channel × category: user → (event id, when).
+    /// Users without hits are missing from the map.
+    pub async fn throttle_hits(&self, channel: &str, category: &str, users: &[&str]) -> Result<HashMap<String, Vec<ThrottleHit>>, StoreError> {
+        let chunks: Vec<&[&str]> = users.chunks(IN_CHUNK).collect();
+        let found = bounded(&chunks, |ids| async move {
+            self.rows::<(String, String, chrono::DateTime<chrono::Utc>), _>(&self.throttle_hits_of_users, (ids, channel, category), "throttle hits").await
+        })
+        .await?;
+        let mut by_user: HashMap<String, Vec<ThrottleHit>> = HashMap::new();
+        for (user, event_id, at) in found.into_iter().flatten() {
+            by_user.entry(user).or_default().push(ThrottleHit { event_id, at });
         }
-        let recent = hits.iter().filter(|(_, at)| *at > since).count();
-        if recent >= limit as usize {
-            return Ok(false);
-        }
-        let ttl = window.as_secs().clamp(1, i32::MAX as u64) as i32;
-        self.session
-            .execute_unpaged(&self.put_throttle_hit, (user_id, channel, category, event_id, now, ttl))
-            .await
-            .map_err(|e| query_err("throttle hit", e))?;
-        Ok(true)
+        Ok(by_user)
+    }
+
+    /// Records admitted sends against their limits; each row lives for its window.
+    pub async fn put_throttle_hits(&self, hits: &[NewThrottleHit]) -> Result<(), StoreError> {
+        let rows: Vec<_> = hits
+            .iter()
+            .map(|h| (&h.user_id, &h.channel, &h.category, &h.hit.event_id, h.hit.at, h.window.as_secs().clamp(1, i32::MAX as u64) as i32))
+            .collect();
+        self.write_rows(&self.put_throttle_hit, rows, "throttle hits").await
     }
 
     /// Deletes a user with every device (and the token index entries those devices still
