@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! scripts/stack up
-//! cargo bench --bench api -- --seconds 10 --concurrency 128
+//! cargo bench --bench api -- --seconds 10 --concurrency 128 --rounds 3
 //! ```
 //!
 //! 1. An isolated environment (own topics, keyspace) on the real stack; the release
@@ -14,9 +14,13 @@
 //! 3. The API, driven the same way (each request signed with a fresh nonce).
 //! 4. The API at half its measured rate, open-loop (latency counted from each request's
 //!    scheduled start, so queueing is not hidden).
+//! 5. Control: the trivial endpoint driven open-loop at that same rate, to show the tail
+//!    this machine and client impose on any server.
 //!
-//! Prints requests/s and p50/p99 for each, the ratio (target ≥ 0.3) and the half-load p99
-//! (target ≤ 10 ms).
+//! Steps 2–5 run `--rounds` times (default 3) back to back. Prints requests/s and p50/p99
+//! for each phase of each round, where the slow requests of the open-loop phase fall in
+//! time, and the medians over the rounds of the ratio (target ≥ 0.3) and of the half-load
+//! p99 (target ≤ 10 ms).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -208,19 +212,40 @@ async fn main() {
     closed_loop(&http, trivial.clone(), concurrency, 1).await;
     closed_loop(&http, signed.clone(), concurrency, 2).await;
 
-    let base_stats = closed_loop(&http, trivial, concurrency, seconds).await;
-    base_stats.print("trivial axum endpoint (closed loop)");
-    let api_stats = closed_loop(&http, signed.clone(), concurrency, seconds).await;
-    api_stats.print("POST /v1/notifications (closed loop)");
-    let half = open_loop(&http, signed, api_stats.rate() / 2.0, seconds).await;
-    half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
-    let ratio = api_stats.rate() / base_stats.rate();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("machine load average (1/5/15 min): {} (other work on the machine skews both sides)", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    // Rounds, each measuring all three back to back: the machine is shared, so one round
+    // can land on someone else's burst; the medians are the figures, every round is shown.
+    let rounds = arg("--rounds", 3);
+    let (mut ratios, mut p99s, mut control_p99s) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        println!("-- round {round}/{rounds}");
+        let base_stats = closed_loop(&http, trivial.clone(), concurrency, seconds).await;
+        base_stats.print("trivial axum endpoint (closed loop)");
+        let api_stats = closed_loop(&http, signed.clone(), concurrency, seconds).await;
+        api_stats.print("POST /v1/notifications (closed loop)");
+        let half = open_loop(&http, signed.clone(), api_stats.rate() / 2.0, seconds).await;
+        half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
+        // Control: the trivial endpoint at the same open-loop rate. Its tail is what this
+        // machine and client give any server at that rate (stalls it shares are not herald's).
+        let control = open_loop(&http, trivial.clone(), api_stats.rate() / 2.0, seconds).await;
+        control.print(&format!("trivial endpoint @ {:.0}/s (control)", api_stats.rate() / 2.0));
+        control_p99s.push(control.p99.as_secs_f64() * 1e3);
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("machine load average (1/5/15 min): {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+        ratios.push(api_stats.rate() / base_stats.rate());
+        p99s.push(half.p99);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let shown = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+    let mut p99_ms: Vec<f64> = p99s.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    println!("ratios by round: {}   half-load p99 (ms) by round: {}   control p99 (ms) by round: {}", shown(&ratios), shown(&p99_ms), shown(&control_p99s));
+    println!("median control p99 (trivial endpoint, same open-loop rate): {:.2} ms", median(&mut control_p99s));
+    let (ratio, p99) = (median(&mut ratios), median(&mut p99_ms));
     println!(
-        "ratio {ratio:.2} (target >= 0.3: {})   half-load p99 {:.2} ms (target <= 10 ms: {})",
+        "median ratio {ratio:.2} (target >= 0.3: {})   median half-load p99 {p99:.2} ms (target <= 10 ms: {})",
         if ratio >= 0.3 { "met" } else { "NOT met" },
-        half.p99.as_secs_f64() * 1e3,
-        if half.p99 <= Duration::from_millis(10) { "met" } else { "NOT met" }
+        if p99 <= 10.0 { "met" } else { "NOT met" }
     );
 }
