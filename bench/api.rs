@@ -12,10 +12,12 @@
 //! 2. Baseline: a trivial axum endpoint (POST, JSON in, 202 + JSON out) on its own 2-thread
 //!    runtime in this process, driven closed-loop by `--concurrency` clients for `--seconds`.
 //! 3. The API, driven the same way (each request signed with a fresh nonce).
-//! 4. The API at half its measured rate, open-loop (latency counted from each request's
-//!    scheduled start, so queueing is not hidden).
-//! 5. Control: the trivial endpoint driven open-loop at that same rate, to show the tail
-//!    this machine and client impose on any server.
+//! 4. The API at half its measured rate, open-loop: requests scheduled at a fixed rate and
+//!    sent by `--concurrency` clients (fixed connections, like wrk2), latency counted from
+//!    each request's scheduled start, so queueing is not hidden.
+//! 5. Controls at that same open-loop rate: the trivial endpoint (the tail this machine and
+//!    client impose on any server), and Kafka alone (the API's producer settings, each
+//!    record timed until its acks=all acknowledgement: the floor under the API's tail).
 //!
 //! Steps 2–5 run `--rounds` times (default 3) back to back. Prints requests/s and p50/p99
 //! for each phase of each round, where the slow requests of the open-loop phase fall in
@@ -40,6 +42,39 @@ use common::unique;
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The broker's pid (the JVM running kafka.Kafka), when visible.
+fn kafka_pid() -> Option<u32> {
+    let out = std::process::Command::new("pgrep").args(["-f", "kafka.Kafka"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+/// CPU cores used by the API, this process (clients + trivial server) and the broker
+/// during `f`.
+async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, String) {
+    let me = std::process::id();
+    let broker = kafka_pid();
+    let before = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
+    let started = Instant::now();
+    let out = f.await;
+    let secs = started.elapsed().as_secs_f64();
+    let after = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
+    let cores = format!(
+        "cpu cores: api {:.2}, bench {:.2}, kafka {:.2}",
+        (after.0 - before.0) / secs,
+        (after.1 - before.1) / secs,
+        (after.2 - before.2) / secs
+    );
+    (out, cores)
 }
 
 fn free_port() -> u16 {
@@ -122,26 +157,61 @@ async fn closed_loop(http: &reqwest::Client, make: MakeRequest, concurrency: u64
     stats(r.0.clone(), r.1, elapsed)
 }
 
+/// One unit of open-loop work: `true` when it succeeded.
+type Work = Arc<dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync>;
+
 /// Requests started at a fixed `rate` for `seconds`, each timed from its scheduled start.
-async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds: u64) -> Stats {
+async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds: u64, clients: u64) -> Stats {
+    let http = http.clone();
+    let work: Work = Arc::new(move |i| {
+        let (http, make) = (http.clone(), make.clone());
+        Box::pin(async move { one(&http, &make, i).await })
+    });
+    open_loop_with(work, rate, seconds, clients).await
+}
+
+/// `work` scheduled at a fixed `rate` for `seconds` and carried out by `clients` workers
+/// (a fixed connection pool, as a real client has; wrk2's method), each timed from its
+/// scheduled start: when every worker is busy, the wait counts against the latency, so
+/// queueing is not hidden (no coordinated omission), but a stall cannot turn into a storm
+/// of new connections from the load generator itself.
+async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> Stats {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * seconds as f64) as u64;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, tokio::time::Instant)>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let (rx, work) = (rx.clone(), work.clone());
+        workers.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some((i, due)) = next else { break };
+                let ok = work(1_000_000_000 + i).await;
+                done.push((i, ok, due.elapsed()));
+            }
+            done
+        }));
+    }
     let started = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let due = started + interval * i as u32;
         tokio::time::sleep_until(due).await;
-        let (http, make) = (http.clone(), make.clone());
-        tasks.push(tokio::spawn(async move {
-            let ok = one(&http, &make, 1_000_000_000 + i).await;
-            (ok, due.elapsed())
-        }));
+        tx.send((i, due)).unwrap();
     }
+    drop(tx);
+    let mut results = Vec::with_capacity(total as usize);
+    for w in workers {
+        results.extend(w.await.unwrap());
+    }
+    results.sort_by_key(|(i, _, _)| *i);
+    let tasks = results.into_iter().map(|(_, ok, d)| (ok, d));
     let (mut lat, mut errors) = (Vec::new(), 0);
     // Where the slow requests fall in time: stalls show up as a few bad 100 ms windows.
     let mut slow_windows: std::collections::BTreeMap<u64, usize> = Default::default();
-    for (i, t) in tasks.into_iter().enumerate() {
-        match t.await.unwrap() {
+    for (i, t) in tasks.enumerate() {
+        match t {
             (true, d) => {
                 if d > Duration::from_millis(10) {
                     *slow_windows.entry((interval * i as u32).as_millis() as u64 / 100).or_default() += 1;
@@ -168,6 +238,7 @@ async fn main() {
     println!("api bench: {concurrency} concurrent clients, {seconds} s per phase");
     let env = Env::start_with(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\n[telemetry]\nlog_filter = \"warn\"\n"), false).await;
     env.spawn("api", &["api"]);
+    let api_pid = env.pid("api").expect("api running");
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -215,20 +286,46 @@ async fn main() {
     // Rounds, each measuring all three back to back: the machine is shared, so one round
     // can land on someone else's burst; the medians are the figures, every round is shown.
     let rounds = arg("--rounds", 3);
-    let (mut ratios, mut p99s, mut control_p99s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut p99s, mut control_p99s, mut kafka_p99s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let produce: Work = {
+        let producer: rdkafka::producer::FutureProducer = herald::kafka::client_config(&env.config.kafka, "bench")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", env.config.api.producer_linger_ms.to_string())
+            .set("compression.type", "lz4")
+            .create()
+            .unwrap();
+        let topic = env.topic("requests");
+        Arc::new(move |i| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            Box::pin(async move {
+                let key = format!("bench-user-{i}");
+                let payload = vec![b'x'; 160];
+                let record = rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(&payload);
+                producer.send(record, Duration::from_secs(30)).await.is_ok()
+            })
+        })
+    };
     for round in 1..=rounds {
         println!("-- round {round}/{rounds}");
         let base_stats = closed_loop(&http, trivial.clone(), concurrency, seconds).await;
         base_stats.print("trivial axum endpoint (closed loop)");
-        let api_stats = closed_loop(&http, signed.clone(), concurrency, seconds).await;
+        let (api_stats, cpu) = with_cpu(api_pid, closed_loop(&http, signed.clone(), concurrency, seconds)).await;
         api_stats.print("POST /v1/notifications (closed loop)");
-        let half = open_loop(&http, signed.clone(), api_stats.rate() / 2.0, seconds).await;
+        println!("  {cpu}");
+        let (half, cpu) = with_cpu(api_pid, open_loop(&http, signed.clone(), api_stats.rate() / 2.0, seconds, concurrency)).await;
         half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
+        println!("  {cpu}");
         // Control: the trivial endpoint at the same open-loop rate. Its tail is what this
         // machine and client give any server at that rate (stalls it shares are not herald's).
-        let control = open_loop(&http, trivial.clone(), api_stats.rate() / 2.0, seconds).await;
+        let control = open_loop(&http, trivial.clone(), api_stats.rate() / 2.0, seconds, concurrency).await;
         control.print(&format!("trivial endpoint @ {:.0}/s (control)", api_stats.rate() / 2.0));
         control_p99s.push(control.p99.as_secs_f64() * 1e3);
+        // Second control: Kafka alone. The API's producer settings, records of a request's
+        // size, produced open-loop at the same rate, each timed until Kafka's ack.
+        let kafka = open_loop_with(produce.clone(), api_stats.rate() / 2.0, seconds, concurrency).await;
+        kafka.print(&format!("Kafka produce acks=all @ {:.0}/s (control)", api_stats.rate() / 2.0));
+        kafka_p99s.push(kafka.p99.as_secs_f64() * 1e3);
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!("machine load average (1/5/15 min): {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
         ratios.push(api_stats.rate() / base_stats.rate());
@@ -241,7 +338,12 @@ async fn main() {
     let shown = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
     let mut p99_ms: Vec<f64> = p99s.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     println!("ratios by round: {}   half-load p99 (ms) by round: {}   control p99 (ms) by round: {}", shown(&ratios), shown(&p99_ms), shown(&control_p99s));
-    println!("median control p99 (trivial endpoint, same open-loop rate): {:.2} ms", median(&mut control_p99s));
+    println!("Kafka-alone p99 (ms) by round: {}", shown(&kafka_p99s));
+    println!(
+        "median control p99 at the same open-loop rate: trivial endpoint {:.2} ms, Kafka produce alone {:.2} ms",
+        median(&mut control_p99s),
+        median(&mut kafka_p99s)
+    );
     let (ratio, p99) = (median(&mut ratios), median(&mut p99_ms));
     println!(
         "median ratio {ratio:.2} (target >= 0.3: {})   median half-load p99 {p99:.2} ms (target <= 10 ms: {})",
