@@ -153,7 +153,7 @@ impl Dispatcher {
             }
         }
         // Higher priority first; the stable sort keeps offset order within a priority.
-        work.sort_by(|a, b| b.delivery.priority.cmp(&a.delivery.priority));
+        work.sort_by_key(|w| std::cmp::Reverse(w.delivery.priority));
         let sent: Vec<Result<(usize, Vec<Output>), StageError>> = futures::stream::iter(work)
             .map(|w| async move { self.deliver(&w).await.map(|out| (w.index, out)) })
             .buffer_unordered(self.cfg.concurrency)

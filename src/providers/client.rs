@@ -244,8 +244,7 @@ mod tests {
                 }
             }),
         );
-        let mut cfg = ProvidersConfig::default();
-        cfg.apns = auth::tests::apns_config();
+        let mut cfg = ProvidersConfig { apns: auth::tests::apns_config(), ..Default::default() };
         cfg.apns.base_url = serve(app).await;
         let clock = auth::ManualClock::new(auth::tests::t0());
         let clients = Clients::build_with_clock(&cfg, &[Provider::Apns], clock.clone()).unwrap();

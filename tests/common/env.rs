@@ -31,6 +31,9 @@ pub enum Seen {
     Dead { key: Option<Vec<u8>>, payload: Option<Vec<u8>>, headers: HashMap<String, String> },
 }
 
+/// A DLQ record: key, payload and headers.
+pub type DeadLetter = (Option<Vec<u8>>, Option<Vec<u8>>, HashMap<String, String>);
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -184,7 +187,7 @@ impl Env {
             .collect()
     }
 
-    pub fn dead_letters(&self) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, HashMap<String, String>)> {
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.seen
             .lock()
             .unwrap()
