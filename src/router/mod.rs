@@ -131,6 +131,8 @@ struct Ready {
     template: Arc<Option<LoadedTemplate>>,
     /// Distinct, valid request channels.
     channels: Vec<String>,
+    /// The record a dedup claim for this request names ([`Source::claimant`]).
+    claimant: DedupClaim,
 }
 
 /// What a batch needs from the store, read once for the whole batch before any record is
@@ -141,7 +143,7 @@ struct BatchState {
     /// event id → who claimed it (LWT mode: after claiming; single-writer mode: existing).
     owners: HashMap<String, DedupClaim>,
     /// Records (by claimant) that already went through in this batch.
-    passed: HashSet<String>,
+    passed: HashSet<DedupClaim>,
     contacts: HashMap<String, (Arc<Option<Contact>>, Arc<Prefs>)>,
     /// (user, channel, category) → hits.
     hits: HashMap<(String, String, String), Vec<ThrottleHit>>,
@@ -225,7 +227,7 @@ impl Router {
                 channels.push(c.clone());
             }
         }
-        Ok(Staged::Ready(Ready { req, template, channels }))
+        Ok(Staged::Ready(Ready { req, template, channels, claimant: src.claimant() }))
     }
 
     /// Reads what the batch's records need from the store, concurrently: dedup claims (or,
@@ -246,7 +248,7 @@ impl Router {
                 continue;
             }
             if seen.insert(r.req.event_id.as_str()) {
-                first_claimant.push((r.req.event_id.as_str(), src.claimant()));
+                first_claimant.push((r.req.event_id.as_str(), r.claimant.clone()));
             }
             let policy = &self.cfg.categories[&r.req.category];
             if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
@@ -335,16 +337,15 @@ impl Router {
         };
 
         if !src.released {
-            let me = src.claimant();
+            let me = &ready.claimant;
             let owner = st.owners.entry(req.event_id.clone()).or_insert_with(|| {
                 // Single-writer mode, first sight: this record claims the id.
                 writes.claims.push((req.event_id.clone(), me.clone()));
                 me.clone()
             });
-            let me_id = format!("{}:{}:{}", me.source_topic, me.partition, me.offset);
-            let owner_id = format!("{}:{}:{}", owner.source_topic, owner.partition, owner.offset);
-            if owner_id != me_id || !st.passed.insert(me_id.clone()) {
-                let why = if owner_id == me_id { format!("{me_id} went through earlier in this batch") } else { format!("first seen at {owner_id}") };
+            if owner != me || !st.passed.insert(me.clone()) {
+                let at = format!("{}:{}:{}", owner.source_topic, owner.partition, owner.offset);
+                let why = if owner == me { format!("{at} went through earlier in this batch") } else { format!("first seen at {at}") };
                 self.outcome(src, req, "duplicate", None, None, Some(why), out, log).await?;
                 return Ok(Ok(()));
             }

@@ -189,7 +189,7 @@ pub struct ProviderMessage {
 }
 
 /// Who first claimed an event id.
-#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, DeserializeRow)]
 pub struct DedupClaim {
     pub source_topic: String,
     pub partition: i32,
