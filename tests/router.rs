@@ -231,16 +231,7 @@ async fn records_of_one_batch_see_each_other(env: &Env, b: OneBatch) {
         })
         .await
         .unwrap();
-    let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
-    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", &tpl).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["replay", "--reason", &tpl, "--source", "requests"])
-        .env("HERALD_CONFIG", &env.config_path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("1 record(s) replayed to"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    template_changed_then_replay_one(env, &tpl, &tpl).await;
     let os = env.wait_outcomes(&b.missing_template.event_id, WAIT, has("routed", Some("email"))).await;
     assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
 }
@@ -315,18 +306,25 @@ async fn template_error_goes_to_the_dlq(env: &Env) {
         })
         .await
         .unwrap();
+    template_changed_then_replay_one(env, "broken", "template_error").await;
+    let os = env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+    assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
+}
+
+/// What an operator does after fixing a template: announce the change (routers drop their
+/// cached copy), then `herald replay` the dead letters whose reason contains `reason` back
+/// onto the requests topic. Exactly one must match.
+async fn template_changed_then_replay_one(env: &Env, template: &str, reason: &str) {
     let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
-    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", "broken").await.unwrap();
+    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", template).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["replay", "--reason", "template_error", "--source", "requests"])
+        .args(["replay", "--reason", reason, "--source", "requests"])
         .env("HERALD_CONFIG", &env.config_path)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("1 record(s) replayed to"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let os = env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
-    assert!(!os.iter().any(|o| o.status == "duplicate"), "{:?}", statuses(&os));
 }
 
 async fn poison_bytes_and_unknown_schema_ids_are_dead_lettered(env: &Env) {
