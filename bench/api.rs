@@ -82,7 +82,9 @@ fn free_port() -> u16 {
 }
 
 /// What one request needs: URL, body, headers.
-type MakeRequest = Arc<dyn Fn(u64) -> (String, Vec<u8>, Vec<(&'static str, String)>) + Send + Sync>;
+/// A request ready to send: URL, body, extra headers.
+type Prepared = (String, Vec<u8>, Vec<(&'static str, String)>);
+type MakeRequest = Arc<dyn Fn(u64) -> Prepared + Send + Sync>;
 
 struct Stats {
     n: usize,
@@ -116,10 +118,13 @@ fn stats(mut lat: Vec<Duration>, errors: usize, seconds: f64) -> Stats {
 }
 
 async fn one(http: &reqwest::Client, make: &MakeRequest, i: u64) -> bool {
-    let (url, body, headers) = make(i);
-    let mut rb = http.post(url).header("content-type", "application/json").body(body);
+    send(http, &make(i)).await
+}
+
+async fn send(http: &reqwest::Client, (url, body, headers): &Prepared) -> bool {
+    let mut rb = http.post(url.as_str()).header("content-type", "application/json").body(body.clone());
     for (k, v) in headers {
-        rb = rb.header(k, v);
+        rb = rb.header(*k, v.as_str());
     }
     matches!(rb.send().await, Ok(r) if r.status().as_u16() == 202)
 }
@@ -161,46 +166,72 @@ async fn closed_loop(http: &reqwest::Client, make: MakeRequest, concurrency: u64
 type Work = Arc<dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync>;
 
 /// Requests started at a fixed `rate` for `seconds`, each timed from its scheduled start.
+///
+/// Every request is built (and signed) before the clock starts, as wrk2 prepares its
+/// requests: the load generator shares the machine's two cores with the server, and its
+/// own per-request work would otherwise be part of what is measured.
 async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds: u64, clients: u64) -> Stats {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000_000_000);
+    let total = (rate * seconds as f64) as u64;
+    let first = NEXT.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+    let prepared: Arc<Vec<Prepared>> = Arc::new((first..first + total).map(|i| make(i)).collect());
     let http = http.clone();
     let work: Work = Arc::new(move |i| {
-        let (http, make) = (http.clone(), make.clone());
-        Box::pin(async move { one(&http, &make, i).await })
+        let (http, prepared) = (http.clone(), prepared.clone());
+        Box::pin(async move { send(&http, &prepared[i as usize]).await })
     });
+    settle().await;
     open_loop_with(work, rate, seconds, clients).await
+}
+
+/// The API's own view, from its request histogram: (sends answered within 10 ms, all).
+async fn server_side(http: &reqwest::Client, base: &str) -> (f64, f64) {
+    let text = match http.get(format!("{base}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return (0.0, 0.0),
+    };
+    let count = |le: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("herald_api_request_duration_seconds_bucket{") && l.contains("route=\"/v1/notifications\"") && l.contains(&format!("le=\"{le}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (count("0.01"), count("+Inf"))
+}
+
+/// A pause between phases, so one phase's aftermath (the broker flushing what the last
+/// closed loop produced) is not charged to the next.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 /// `work` scheduled at a fixed `rate` for `seconds` and carried out by `clients` workers
 /// (a fixed connection pool, as a real client has; wrk2's method), each timed from its
-/// scheduled start: when every worker is busy, the wait counts against the latency, so
-/// queueing is not hidden (no coordinated omission), but a stall cannot turn into a storm
-/// of new connections from the load generator itself.
+/// scheduled start: when a worker is still busy with its previous request, the wait counts
+/// against the latency, so queueing is not hidden (no coordinated omission), but a stall
+/// cannot turn into a storm of new connections from the load generator itself.
 async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> Stats {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * seconds as f64) as u64;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, tokio::time::Instant)>();
-    let rx = Arc::new(Mutex::new(rx));
+    // Request i belongs to client i % clients and is due at started + i × interval; each
+    // client sleeps until its next request is due (wrk2's per-connection schedule), so no
+    // shared queue or hand-off between clients adds latency of the generator's own.
+    let started = tokio::time::Instant::now() + Duration::from_millis(20);
+    let wall = chrono::Utc::now() + chrono::Duration::milliseconds(20);
     let mut workers = Vec::new();
-    for _ in 0..clients {
-        let (rx, work) = (rx.clone(), work.clone());
+    for client in 0..clients.min(total.max(1)) {
+        let work = work.clone();
         workers.push(tokio::spawn(async move {
             let mut done = Vec::new();
-            loop {
-                let next = rx.lock().await.recv().await;
-                let Some((i, due)) = next else { break };
-                let ok = work(1_000_000_000 + i).await;
+            for i in (client..total).step_by(clients as usize) {
+                let due = started + interval * i as u32;
+                tokio::time::sleep_until(due).await;
+                let ok = work(i).await;
                 done.push((i, ok, due.elapsed()));
             }
             done
         }));
     }
-    let started = tokio::time::Instant::now();
-    for i in 0..total {
-        let due = started + interval * i as u32;
-        tokio::time::sleep_until(due).await;
-        tx.send((i, due)).unwrap();
-    }
-    drop(tx);
     let mut results = Vec::with_capacity(total as usize);
     for w in workers {
         results.extend(w.await.unwrap());
@@ -225,7 +256,7 @@ async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> St
     let mut worst: Vec<_> = slow_windows.iter().collect();
     worst.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
     let worst: Vec<String> = worst.iter().take(8).map(|(w, n)| format!("{:.1}s:{n}", **w as f64 / 10.0)).collect();
-    println!("open loop: {slow} requests over 10 ms, in {} of {} 100 ms windows; worst: {}", slow_windows.len(), seconds * 10, worst.join(" "));
+    println!("open loop from {}: {slow} requests over 10 ms, in {} of {} 100 ms windows; worst: {}", wall.format("%H:%M:%S%.3f"), slow_windows.len(), seconds * 10, worst.join(" "));
     stats(lat, errors, seconds as f64)
 }
 
@@ -273,10 +304,13 @@ async fn main() {
         let body = body.clone();
         Arc::new(move |i| (format!("http://127.0.0.1:{trivial_port}/v1/notifications"), body(i), Vec::new()))
     };
-    let signed: MakeRequest = Arc::new(move |i| {
-        let b = body(i);
-        let h = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
-        (format!("{base}/v1/notifications"), b, h)
+    let signed: MakeRequest = Arc::new({
+        let base = base.clone();
+        move |i| {
+            let b = body(i);
+            let h = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
+            (format!("{base}/v1/notifications"), b, h)
+        }
     });
 
     // Warm up both (connections, registry schema lookups, template cache).
@@ -299,7 +333,7 @@ async fn main() {
         Arc::new(move |i| {
             let (producer, topic) = (producer.clone(), topic.clone());
             Box::pin(async move {
-                let key = format!("bench-user-{i}");
+                let key = format!("bench-user-{}", 1_000_000_000 + i);
                 let payload = vec![b'x'; 160];
                 let record = rdkafka::producer::FutureRecord::to(&topic).key(&key).payload(&payload);
                 producer.send(record, Duration::from_secs(30)).await.is_ok()
@@ -313,8 +347,12 @@ async fn main() {
         let (api_stats, cpu) = with_cpu(api_pid, closed_loop(&http, signed.clone(), concurrency, seconds)).await;
         api_stats.print("POST /v1/notifications (closed loop)");
         println!("  {cpu}");
+        let before = server_side(&http, &base).await;
         let (half, cpu) = with_cpu(api_pid, open_loop(&http, signed.clone(), api_stats.rate() / 2.0, seconds, concurrency)).await;
         half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
+        let after = server_side(&http, &base).await;
+        let (fast, all) = (after.0 - before.0, after.1 - before.1);
+        println!("  inside the API (its histogram, arrival to answer): {:.0} of {all:.0} over 10 ms ({:.2}%)", all - fast, 100.0 * (all - fast) / all.max(1.0));
         println!("  {cpu}");
         // Control: the trivial endpoint at the same open-loop rate. Its tail is what this
         // machine and client give any server at that rate (stalls it shares are not herald's).
@@ -323,6 +361,7 @@ async fn main() {
         control_p99s.push(control.p99.as_secs_f64() * 1e3);
         // Second control: Kafka alone. The API's producer settings, records of a request's
         // size, produced open-loop at the same rate, each timed until Kafka's ack.
+        settle().await;
         let kafka = open_loop_with(produce.clone(), api_stats.rate() / 2.0, seconds, concurrency).await;
         kafka.print(&format!("Kafka produce acks=all @ {:.0}/s (control)", api_stats.rate() / 2.0));
         kafka_p99s.push(kafka.p99.as_secs_f64() * 1e3);

@@ -29,28 +29,45 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<()> {
         builder.try_init()
     };
     if PROMETHEUS.get().is_none() {
-        let mut b = PrometheusBuilder::new();
+        // Buckets, not summaries: cheap to record and drain, and aggregatable across replicas.
+        let mut b = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?;
         if let Some(listen) = cfg.metrics_listen.as_deref().filter(|s| !s.is_empty()) {
             let addr: SocketAddr = listen
                 .parse()
                 .map_err(|e| anyhow::anyhow!("telemetry.metrics_listen '{listen}': {e}"))?;
-            b = b.with_http_listener(addr);
+            // Upkeep runs on its own thread (below), not in the exporter's tokio task.
+            b = b.with_http_listener(addr).upkeep_timeout(std::time::Duration::from_secs(3600));
             let (recorder, exporter) = b.build()?;
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_ok() {
                 tokio::spawn(exporter);
-                let _ = PROMETHEUS.set(handle);
+                let _ = PROMETHEUS.set(handle.clone());
+                spawn_upkeep(handle);
             }
         } else {
             let recorder = b.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_ok() {
-                let _ = PROMETHEUS.set(handle);
+                let _ = PROMETHEUS.set(handle.clone());
+                spawn_upkeep(handle);
             }
         }
         events::describe();
     }
     Ok(())
+}
+
+/// Histogram buckets (seconds) for every duration herald records.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Drains recorded histogram samples into their buckets every second, on a thread of its
+/// own. Without it samples pile up in memory until the next scrape (the recorder keeps
+/// every one), and draining must not hold up a tokio worker serving requests.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let _ = std::thread::Builder::new().name("herald-metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        handle.run_upkeep();
+    });
 }
 
 /// The Prometheus text exposition of everything recorded so far (for `/metrics` handlers).

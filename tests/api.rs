@@ -208,6 +208,8 @@ async fn health_metrics_and_openapi(api: &Api) {
     assert_eq!((a.status, a.code()), (StatusCode::NOT_FOUND, "not_found"));
     let m = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
     assert!(m.contains("herald_api_requests_total"), "{m}");
+    // Durations are bucketed histograms (aggregatable across replicas), not summaries.
+    assert!(m.contains("herald_api_request_duration_seconds_bucket{") && m.contains("le=\"0.005\""), "{m}");
 }
 
 fn bill(user: &str) -> Value {
