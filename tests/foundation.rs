@@ -223,6 +223,27 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
     let log = store.log("e1").await.unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!((log[0].status.as_str(), log[0].provider_message_id.as_deref()), ("sent", Some("msg-1")));
+
+    // A routed batch's writes: claims and log rows of one event in one batch, whole events
+    // per batch; 30 events × (claim + 3 rows) span several batches, one event has rows
+    // only, another a claim only.
+    let events: Vec<String> = (0..30).map(|i| format!("rec-{i}")).collect();
+    let claims: Vec<(&str, DedupClaim)> = events.iter().filter(|e| *e != "rec-7").map(|e| (e.as_str(), claim(4, 44))).collect();
+    let outcomes: Vec<DeliveryOutcome> = events
+        .iter()
+        .filter(|e| *e != "rec-9")
+        .flat_map(|e| (0..3).map(|k| DeliveryOutcome { outcome_id: format!("{e}-o{k}"), event_id: e.clone(), status: "routed".into(), ..outcome.clone() }).collect::<Vec<_>>())
+        .collect();
+    store.record_events(&claims, ttl, &outcomes).await.unwrap();
+    let ids: Vec<&str> = events.iter().map(String::as_str).collect();
+    let found = store.claims(&ids).await.unwrap();
+    assert_eq!((found.len(), found.get("rec-7"), found.get("rec-9")), (29, None, Some(&claim(4, 44))));
+    for e in &events {
+        let rows = store.log(e).await.unwrap();
+        let want = if e == "rec-9" { 0 } else { 3 };
+        assert_eq!(rows.len(), want, "log rows of {e}");
+        assert!(rows.iter().all(|r| r.status == "routed"));
+    }
 }
 
 #[tokio::test]

@@ -290,11 +290,7 @@ impl Router {
     /// idempotent, so a batch processed again writes the same rows).
     async fn flush(&self, writes: &BatchWrites) -> Result<(), StageError> {
         let claims: Vec<(&str, DedupClaim)> = writes.claims.iter().map(|(id, c)| (id.as_str(), c.clone())).collect();
-        tokio::try_join!(
-            self.store.put_claims(&claims, self.cfg.dedup_ttl),
-            self.store.put_throttle_hits(&writes.hits),
-            self.store.log_outcomes(&writes.log),
-        )
+        tokio::try_join!(self.store.record_events(&claims, self.cfg.dedup_ttl, &writes.log), self.store.put_throttle_hits(&writes.hits))
         .map_err(StageError::classify)?;
         Ok(())
     }

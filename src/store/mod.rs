@@ -548,6 +548,42 @@ impl Store {
         self.write_rows(&self.put_log, sorted.into_iter().map(log_values).collect(), "log outcomes").await
     }
 
+    /// Writes what routing a batch of events decided, partition by partition: an event's
+    /// dedup claim (if any) and its notification-log rows share the partition key
+    /// `event_id`, so they go in one batch and reach the store as one mutation (one
+    /// commit-log entry) instead of one per table. Batches hold whole events, up to
+    /// [`WRITE_CHUNK`] rows, [`IN_FLIGHT`] at a time; every write is an idempotent upsert.
+    pub async fn record_events(&self, claims: &[(&str, DedupClaim)], claim_ttl: Duration, outcomes: &[crate::model::DeliveryOutcome]) -> Result<(), StoreError> {
+        type Row<'r> = (&'r PreparedStatement, Box<dyn scylla::serialize::row::SerializeRow + Send + Sync + 'r>);
+        let ttl = claim_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let mut by_event: std::collections::BTreeMap<&str, Vec<Row<'_>>> = Default::default();
+        for (id, c) in claims {
+            by_event.entry(id).or_default().push((&self.put_claim, Box::new((*id, c.source_topic.as_str(), c.partition, c.offset, ttl))));
+        }
+        for o in outcomes {
+            by_event.entry(o.event_id.as_str()).or_default().push((&self.put_log, Box::new(log_values(o))));
+        }
+        let mut batches: Vec<Vec<Row<'_>>> = Vec::new();
+        for rows in by_event.into_values() {
+            match batches.last_mut() {
+                Some(b) if b.len() + rows.len() <= WRITE_CHUNK => b.extend(rows),
+                _ => batches.push(rows),
+            }
+        }
+        bounded(&batches, |rows| async move {
+            let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+            for (st, _) in rows {
+                batch.append_statement((*st).clone());
+            }
+            batch.set_is_idempotent(true);
+            let values: Vec<&(dyn scylla::serialize::row::SerializeRow + Send + Sync)> = rows.iter().map(|(_, v)| v.as_ref()).collect();
+            self.session.batch(&batch, values).await.map_err(|e| query_err("record events", e))?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Writes many rows with one statement: unlogged batches of [`WRITE_CHUNK`] rows (one
     /// request each instead of one per row), [`IN_FLIGHT`] at a time. Every write here is an
     /// idempotent upsert, so a batch failing half-way is simply written again.
