@@ -293,6 +293,10 @@ async fn main() {
                 }),
             );
             let l = tokio::net::TcpListener::bind(("127.0.0.1", trivial_port)).await.unwrap();
+            // The API's socket settings, so the baseline differs only in what it does.
+            let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(l, app).await.unwrap();
         });
     });

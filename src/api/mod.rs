@@ -148,6 +148,10 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     let state = Arc::new(ApiState::open(config, topology).await?);
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.with_context(|| format!("binding api.listen {}", config.api.listen))?;
     tracing::info!(listen = %config.api.listen, "herald api listening");
+    // No Nagle: an answer goes out when written, not when the client's ACK comes back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
 }
