@@ -245,6 +245,19 @@ async fn send_reaches_the_router_and_the_log(api: &Api) {
     }
     let missing = api.admin.call("GET", &format!("/v1/notifications/{}", unique("never")), None).await;
     assert_eq!((missing.status, missing.code()), (StatusCode::NOT_FOUND, "not_found"));
+    // The status scope reads the app's own notifications: another app's answers like an
+    // unknown one, while admin apps read every notification.
+    let sender = api.app(&["--scopes", "send,status"]);
+    let a = sender.call("POST", "/v1/notifications", Some(bill(&user))).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
+    let theirs = a.body["event_id"].as_str().unwrap().to_string();
+    api.env.wait_outcomes(&theirs, WAIT, |os| os.iter().any(|o| o.status == "routed")).await;
+    let own = sender.call("GET", &format!("/v1/notifications/{theirs}"), None).await;
+    assert_eq!((own.status, own.body["outcomes"][0]["status"].as_str()), (StatusCode::OK, Some("routed")), "{own:?}");
+    let other = sender.call("GET", &format!("/v1/notifications/{id}"), None).await;
+    assert_eq!((other.status, other.code()), (StatusCode::NOT_FOUND, "not_found"), "another app's notification: {other:?}");
+    let by_admin = api.admin.call("GET", &format!("/v1/notifications/{theirs}"), None).await;
+    assert_eq!(by_admin.status, StatusCode::OK, "{by_admin:?}");
     // A client event id is kept as is.
     let mut body = bill(&user);
     let own = unique("client-evt");

@@ -222,17 +222,21 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
     store.log_outcome(&outcome).await.unwrap();
     let log = store.log("e1").await.unwrap();
     assert_eq!(log.len(), 1);
-    assert_eq!((log[0].status.as_str(), log[0].provider_message_id.as_deref()), ("sent", Some("msg-1")));
+    assert_eq!((log[0].status.as_str(), log[0].provider_message_id.as_deref(), log[0].source.as_deref()), ("sent", Some("msg-1"), None));
 
     // A routed batch's writes: claims and log rows of one event in one batch, whole events
     // per batch; 30 events × (claim + 3 rows) span several batches, one event has rows
     // only, another a claim only.
     let events: Vec<String> = (0..30).map(|i| format!("rec-{i}")).collect();
     let claims: Vec<(&str, DedupClaim)> = events.iter().filter(|e| *e != "rec-7").map(|e| (e.as_str(), claim(4, 44))).collect();
-    let outcomes: Vec<DeliveryOutcome> = events
+    // Each row carries who asked, except rec-3's (a record that did not decode).
+    let outcomes: Vec<(DeliveryOutcome, Option<String>)> = events
         .iter()
         .filter(|e| *e != "rec-9")
-        .flat_map(|e| (0..3).map(|k| DeliveryOutcome { outcome_id: format!("{e}-o{k}"), event_id: e.clone(), status: "routed".into(), ..outcome.clone() }).collect::<Vec<_>>())
+        .flat_map(|e| {
+            let source = (e != "rec-3").then(|| format!("api:hk_{e}"));
+            (0..3).map(|k| (DeliveryOutcome { outcome_id: format!("{e}-o{k}"), event_id: e.clone(), status: "routed".into(), ..outcome.clone() }, source.clone())).collect::<Vec<_>>()
+        })
         .collect();
     store.record_events(&claims, ttl, &outcomes).await.unwrap();
     let ids: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -243,6 +247,8 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
         let want = if e == "rec-9" { 0 } else { 3 };
         assert_eq!(rows.len(), want, "log rows of {e}");
         assert!(rows.iter().all(|r| r.status == "routed"));
+        let source = (e != "rec-3").then(|| format!("api:hk_{e}"));
+        assert!(rows.iter().all(|r| r.source == source), "source of {e}: {rows:?}");
     }
 }
 

@@ -125,6 +125,7 @@ async fn routed_with_fan_out_to_every_device(env: &Env) {
     // Every outcome is also in the notification log.
     let log = env.store.log(&req.event_id).await.unwrap();
     assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log.iter().all(|r| r.source.as_deref() == Some(req.source.as_str())), "who asked, on every row: {log:?}");
 }
 
 async fn duplicate_event_id_is_not_delivered_twice(env: &Env) {

@@ -69,8 +69,8 @@ pub struct ApiConfig {
     pub mandrill_webhook_key: Secret,
     /// Vonage signature secret for signed delivery receipts. Empty = endpoint off.
     pub vonage_signature_secret: Secret,
-    /// `sha1` | `sha256` | `sha512` (Vonage's HMAC signature methods; the MD5 ones are
-    /// not supported).
+    /// Vonage's signature method, as set in its dashboard: `md5hash` (MD5 hash), or the
+    /// HMACs `md5`, `sha1`, `sha256`, `sha512`.
     pub vonage_signature_method: String,
 }
 
@@ -125,8 +125,8 @@ impl ApiConfig {
         if !(self.public_base_url.starts_with("http://") || self.public_base_url.starts_with("https://")) || self.public_base_url.ends_with('/') {
             return Err("api.public_base_url must be an http(s) URL without a trailing '/'".into());
         }
-        if !matches!(self.vonage_signature_method.as_str(), "sha1" | "sha256" | "sha512") {
-            return Err("api.vonage_signature_method must be sha1, sha256 or sha512".into());
+        if !matches!(self.vonage_signature_method.as_str(), "md5hash" | "md5" | "sha1" | "sha256" | "sha512") {
+            return Err("api.vonage_signature_method must be md5hash, md5, sha1, sha256 or sha512".into());
         }
         if self.max_body_bytes < 1024 || self.max_batch == 0 {
             return Err("api.max_body_bytes must be >= 1024 and api.max_batch > 0".into());

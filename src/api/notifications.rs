@@ -389,11 +389,18 @@ pub async fn send_batch(State(st): State<Arc<ApiState>>, Extension(caller): Exte
     Ok(accepted(&ids, true))
 }
 
-/// `GET /v1/notifications/{event_id}`: every outcome recorded, oldest first.
+/// Whether `app` may read a notification whose log rows are `rows`: admin apps read every
+/// notification, other apps the ones they sent (the router records the request's source).
+fn may_read(app: &super::apps::App, rows: &[crate::store::LogEntry]) -> bool {
+    app.scopes.contains(&Scope::Admin) || rows.iter().find_map(|r| r.source.as_deref()).is_some_and(|s| s.strip_prefix("api:") == Some(app.key.as_str()))
+}
+
+/// `GET /v1/notifications/{event_id}`: every outcome recorded, oldest first. Another app's
+/// notification answers the same 404 as an unknown one (no hint that it exists).
 pub async fn log(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(event_id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Status)?;
     let rows = st.store.log(&event_id).await?;
-    if rows.is_empty() {
+    if rows.is_empty() || !may_read(&caller.0, &rows) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no outcome recorded for this event (yet)"));
     }
     let outcomes: Vec<serde_json::Value> = rows

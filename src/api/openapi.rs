@@ -207,7 +207,7 @@ pub fn document() -> Value {
         "post",
         op("One template to many users", Some("send"), Some("BatchRequest"), &[], vec![ok("202", "accepted", Some("BatchAccepted")), err("409", "idempotency_conflict")]),
     );
-    add("/v1/notifications/{event_id}", "get", op("The notification's log", Some("status"), None, &["event_id"], vec![ok("200", "every outcome, oldest first", Some("NotificationLog")), err("404", "not_found")]));
+    add("/v1/notifications/{event_id}", "get", op("The notification's log (an app sees the notifications it sent; admin apps see all)", Some("status"), None, &["event_id"], vec![ok("200", "every outcome, oldest first", Some("NotificationLog")), err("404", "not_found")]));
     add("/v1/users/{user_id}", "put", op("Create or replace a user's contact data", Some("contacts"), Some("UserInput"), &["user_id"], vec![ok("200", "stored", Some("User"))]));
     add("/v1/users/{user_id}", "get", op("A user with devices", Some("contacts"), None, &["user_id"], vec![ok("200", "the user", Some("User")), err("404", "not_found")]));
     add("/v1/users/{user_id}", "delete", op("Delete a user, devices and preferences", Some("contacts"), None, &["user_id"], vec![ok("204", "deleted", None), err("404", "not_found")]));

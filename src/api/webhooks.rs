@@ -74,16 +74,24 @@ pub fn sendgrid_verify(public_key_b64: &str, timestamp: &str, body: &[u8], signa
     key.verify(&msg, &sig).is_ok()
 }
 
-/// Vonage's signed-request HMAC (`method` sha1 | sha256 | sha512), upper-case hex, over
-/// `"&" + sorted "k=v" joined by "&"` (without `sig`; `&` and `=` in values become `_`).
+/// Vonage's signed-request signature, upper-case hex, over `"&" + sorted "k=v" joined by
+/// "&"` (without `sig`; `&` and `=` in values become `_`). `method`: `md5hash` (MD5 of that
+/// string followed by the secret: Vonage's oldest method), or the HMACs `md5`, `sha1`,
+/// `sha256`, `sha512` keyed with the secret.
 pub fn vonage_signature(secret: &[u8], method: &str, params: &[(String, String)]) -> String {
+    use sha2::Digest;
     let mut pairs: Vec<(String, String)> = params.iter().filter(|(k, _)| k != "sig").map(|(k, v)| (k.clone(), v.replace(['&', '='], "_"))).collect();
     pairs.sort();
     let input: String = pairs.iter().map(|(k, v)| format!("&{k}={v}")).collect();
+    fn hmac<M: Mac + hmac::digest::KeyInit>(secret: &[u8], input: &str) -> Vec<u8> {
+        <M as hmac::digest::KeyInit>::new_from_slice(secret).expect("any key").chain_update(input.as_bytes()).finalize().into_bytes().to_vec()
+    }
     let raw = match method {
-        "sha1" => Hmac::<Sha1>::new_from_slice(secret).expect("any key").chain_update(input.as_bytes()).finalize().into_bytes().to_vec(),
-        "sha512" => Hmac::<sha2::Sha512>::new_from_slice(secret).expect("any key").chain_update(input.as_bytes()).finalize().into_bytes().to_vec(),
-        _ => Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key").chain_update(input.as_bytes()).finalize().into_bytes().to_vec(),
+        "md5hash" => md5::Md5::new().chain_update(input.as_bytes()).chain_update(secret).finalize().to_vec(),
+        "md5" => hmac::<Hmac<md5::Md5>>(secret, &input),
+        "sha1" => hmac::<Hmac<Sha1>>(secret, &input),
+        "sha512" => hmac::<Hmac<sha2::Sha512>>(secret, &input),
+        _ => hmac::<Hmac<sha2::Sha256>>(secret, &input),
     };
     hex::encode_upper(raw)
 }
@@ -397,6 +405,11 @@ mod tests {
         assert_eq!(sig, hex::encode_upper(expect));
         assert_eq!(vonage_signature(b"s3cret", "sha1", &params).len(), 40);
         assert_eq!(vonage_signature(b"s3cret", "sha512", &params).len(), 128);
+        // Vonage's own SDK test vector for the MD5-hash method (signature secret "secret").
+        let sdk: Vec<(String, String)> = [("a", "1"), ("b", "2"), ("timestamp", "1461605396"), ("sig", "6af838ef94998832dbfc29020b564830")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(vonage_signature(b"secret", "md5hash", &sdk), "6AF838EF94998832DBFC29020B564830");
+        let md5_hmac = Hmac::<md5::Md5>::new_from_slice(b"secret").unwrap().chain_update(b"&a=1&b=2&timestamp=1461605396").finalize().into_bytes();
+        assert_eq!(vonage_signature(b"secret", "md5", &sdk), hex::encode_upper(md5_hmac));
     }
 
     #[test]

@@ -154,7 +154,8 @@ struct BatchState {
 struct BatchWrites {
     claims: Vec<(String, DedupClaim)>,
     hits: Vec<NewThrottleHit>,
-    log: Vec<DeliveryOutcome>,
+    /// Notification-log rows, each with the request's `source` (who asked) when it decoded.
+    log: Vec<(DeliveryOutcome, Option<String>)>,
 }
 
 /// A record the router refuses: DLQ + outcome `rejected` (or `template_error`).
@@ -303,7 +304,7 @@ impl Router {
             Staged::Refused(req, reject) => (req, reject),
             Staged::Ready(ready) => match self.route_request(src, &ready, st, writes, &mut out, &mut log).await? {
                 Ok(()) => {
-                    writes.log.extend(log);
+                    writes.log.extend(log.into_iter().map(|o| (o, Some(ready.req.source.clone()))));
                     return Ok(out);
                 }
                 Err(reject) => (Some(ready.req), reject),
@@ -312,7 +313,8 @@ impl Router {
         out.clear();
         log.clear();
         self.reject(src, req.as_ref(), reject, &mut out, &mut log).await?;
-        writes.log.extend(log);
+        let source = req.map(|r| r.source);
+        writes.log.extend(log.into_iter().map(|o| (o, source.clone())));
         Ok(out)
     }
 

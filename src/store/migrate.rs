@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "005_api",
         cql: include_str!("../../cql/005_api.cql"),
     },
+    Migration {
+        version: 6,
+        name: "006_log_source",
+        cql: include_str!("../../cql/006_log_source.cql"),
+    },
 ];
 
 impl Migration {

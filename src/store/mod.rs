@@ -249,6 +249,9 @@ pub struct LogEntry {
     pub reason: Option<String>,
     pub provider_message_id: Option<String>,
     pub attempt: Option<i32>,
+    /// Who asked for the notification (the request's `source`, e.g. `api:<app key>`); only
+    /// on the router's rows.
+    pub source: Option<String>,
 }
 
 type LogValues<'a> = (
@@ -264,9 +267,12 @@ type LogValues<'a> = (
     &'a Option<String>,
     &'a Option<String>,
     i32,
+    scylla::value::MaybeUnset<&'a str>,
 );
 
-fn log_values(o: &crate::model::DeliveryOutcome) -> LogValues<'_> {
+/// A log row's values; `source` unset (not null: no tombstone) where the writer does not
+/// know who asked.
+fn log_values<'a>(o: &'a crate::model::DeliveryOutcome, source: Option<&'a str>) -> LogValues<'a> {
     let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(o.occurred_at).unwrap_or_else(chrono::Utc::now);
     (
         &o.event_id,
@@ -281,6 +287,7 @@ fn log_values(o: &crate::model::DeliveryOutcome) -> LogValues<'_> {
         &o.reason,
         &o.provider_message_id,
         o.attempt,
+        source.map_or(scylla::value::MaybeUnset::Unset, scylla::value::MaybeUnset::Set),
     )
 }
 
@@ -386,8 +393,8 @@ impl Store {
             put_claim: p("INSERT INTO dedup_claims (event_id, source_topic, partition, offset, claimed_at) VALUES (?, ?, ?, ?, toTimestamp(now())) USING TTL ?").await?,
             get_claim: p("SELECT source_topic, partition, offset FROM dedup_claims WHERE event_id = ?").await?,
             get_claims: p("SELECT event_id, source_topic, partition, offset FROM dedup_claims WHERE event_id IN ?").await?,
-            put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
-            log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt FROM notification_log WHERE event_id = ?").await?,
+            put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
+            log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source FROM notification_log WHERE event_id = ?").await?,
             throttle_hits_of_users: p("SELECT user_id, event_id, at FROM throttle_hits WHERE user_id IN ? AND channel = ? AND category = ?").await?,
             put_throttle_hit: p("INSERT INTO throttle_hits (user_id, channel, category, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             get_sent: p("SELECT state, provider, provider_message_id, attempt, latency_ms FROM sent_log WHERE delivery_id = ?").await?,
@@ -545,7 +552,7 @@ impl Store {
         // Sorted so one event's outcomes share a batch as far as possible.
         let mut sorted: Vec<&crate::model::DeliveryOutcome> = outcomes.iter().collect();
         sorted.sort_by(|a, b| a.event_id.cmp(&b.event_id));
-        self.write_rows(&self.put_log, sorted.into_iter().map(log_values).collect(), "log outcomes").await
+        self.write_rows(&self.put_log, sorted.into_iter().map(|o| log_values(o, None)).collect(), "log outcomes").await
     }
 
     /// Writes what routing a batch of events decided, partition by partition: an event's
@@ -553,15 +560,16 @@ impl Store {
     /// `event_id`, so they go in one batch and reach the store as one mutation (one
     /// commit-log entry) instead of one per table. Batches hold whole events, up to
     /// [`WRITE_CHUNK`] rows, [`IN_FLIGHT`] at a time; every write is an idempotent upsert.
-    pub async fn record_events(&self, claims: &[(&str, DedupClaim)], claim_ttl: Duration, outcomes: &[crate::model::DeliveryOutcome]) -> Result<(), StoreError> {
+    /// Each outcome comes with the request's `source` (who asked), when known.
+    pub async fn record_events(&self, claims: &[(&str, DedupClaim)], claim_ttl: Duration, outcomes: &[(crate::model::DeliveryOutcome, Option<String>)]) -> Result<(), StoreError> {
         type Row<'r> = (&'r PreparedStatement, Box<dyn scylla::serialize::row::SerializeRow + Send + Sync + 'r>);
         let ttl = claim_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
         let mut by_event: std::collections::BTreeMap<&str, Vec<Row<'_>>> = Default::default();
         for (id, c) in claims {
             by_event.entry(id).or_default().push((&self.put_claim, Box::new((*id, c.source_topic.as_str(), c.partition, c.offset, ttl))));
         }
-        for o in outcomes {
-            by_event.entry(o.event_id.as_str()).or_default().push((&self.put_log, Box::new(log_values(o))));
+        for (o, source) in outcomes {
+            by_event.entry(o.event_id.as_str()).or_default().push((&self.put_log, Box::new(log_values(o, source.as_deref()))));
         }
         let mut batches: Vec<Vec<Row<'_>>> = Vec::new();
         for rows in by_event.into_values() {
@@ -609,7 +617,7 @@ impl Store {
     /// Appends an outcome to the notification log.
     pub async fn log_outcome(&self, o: &crate::model::DeliveryOutcome) -> Result<(), StoreError> {
         self.session
-            .execute_unpaged(&self.put_log, log_values(o))
+            .execute_unpaged(&self.put_log, log_values(o, None))
             .await
             .map_err(|e| query_err("log outcome", e))?;
         Ok(())
