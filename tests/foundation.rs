@@ -137,7 +137,29 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
 
     let pref = Preference { user_id: "u1".into(), channel: "sms".into(), category: "marketing".into(), opt_in: false };
     store.put_preference(&pref).await.unwrap();
-    assert_eq!(store.preferences("u1").await.unwrap(), vec![pref]);
+    assert_eq!(store.preferences("u1").await.unwrap(), vec![pref.clone()]);
+
+    // The router's bulk read: rows, health, devices and preferences of many users, across
+    // IN chunks (150 more users, every third with a device); unknown users are missing.
+    for i in 0..150 {
+        let id = format!("bulk-{i}");
+        store.put_user(&User { user_id: id.clone(), email: Some(format!("{id}@example.com")), ..Default::default() }).await.unwrap();
+        if i % 3 == 0 {
+            store.put_device(&Device { user_id: id.clone(), device_id: "d0".into(), platform: "ios".into(), token: format!("tok-{id}"), app_id: None, active: true }).await.unwrap();
+        }
+    }
+    store.set_contact_active("bulk-4", "email", false).await.unwrap();
+    let mut wanted: Vec<String> = (0..150).map(|i| format!("bulk-{i}")).collect();
+    wanted.extend(["u1".to_string(), "nobody".to_string()]);
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let bulk = store.contacts_of(&wanted).await.unwrap();
+    assert_eq!((bulk.len(), bulk.contains_key("nobody")), (151, false));
+    let mut u1 = bulk["u1"].devices.clone();
+    u1.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    assert_eq!((&bulk["u1"].user, &u1, &bulk["u1"].preferences), (&store.user("u1").await.unwrap().unwrap(), &devices, &vec![pref]));
+    assert_eq!((bulk["bulk-3"].devices.len(), bulk["bulk-4"].devices.len()), (1, 0));
+    assert_eq!(bulk["bulk-4"].health, store.contact_health("bulk-4").await.unwrap());
+    assert_eq!(bulk["bulk-4"].health.email_active, Some(false));
 
     let tpl = Template {
         template_id: "bill_due".into(),

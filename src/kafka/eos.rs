@@ -225,8 +225,10 @@ pub async fn run<P: Processor>(
             }
             Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
         };
+        let committing = std::time::Instant::now();
         match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
             Ok(()) => {
+                tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
                 backoff = Duration::from_millis(100);
                 // Local only (auto-commit is off): lets librdkafka report lag from them.
                 if let Ok(offsets) = next_offsets(&batch, &result.holds) {

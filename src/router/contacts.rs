@@ -2,6 +2,7 @@
 //! invalidated by following the compacted changes topic (`user:<id>`, `template:<id>`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,11 +41,60 @@ pub struct Contacts {
     users: Cache<String, Arc<Option<Contact>>>,
     prefs: Cache<String, Arc<Prefs>>,
     templates: Cache<String, Arc<Option<LoadedTemplate>>>,
+    /// Counts invalidations, so a bulk load that overlapped one drops what it cached
+    /// ([`Contacts::load_many`]).
+    invalidations: AtomicU64,
 }
+
+/// A user's cached contact and opt-in choices.
+pub type Cached = (Arc<Option<Contact>>, Arc<Prefs>);
 
 impl Contacts {
     pub fn new(store: Arc<Store>, max_entries: u64, ttl: Duration) -> Contacts {
-        Contacts { store, users: cache(max_entries, ttl), prefs: cache(max_entries, ttl), templates: cache(max_entries, ttl) }
+        Contacts { store, users: cache(max_entries, ttl), prefs: cache(max_entries, ttl), templates: cache(max_entries, ttl), invalidations: AtomicU64::new(0) }
+    }
+
+    /// The contacts and preferences of many users: cached ones from the cache, the rest in
+    /// one bulk read ([`Store::contacts_of`]), then cached. A change announced while the
+    /// bulk read ran may not be in what it read, so its entries are then dropped again
+    /// (this batch still uses them, as a read racing the change would anyway).
+    pub async fn load_many(&self, users: &[&str]) -> Result<HashMap<String, Cached>, StoreError> {
+        let before = self.invalidations.load(Ordering::SeqCst);
+        let mut out = HashMap::with_capacity(users.len());
+        let mut missing = Vec::new();
+        for u in users {
+            match (self.users.get(*u).await, self.prefs.get(*u).await) {
+                (Some(c), Some(p)) => {
+                    out.insert(u.to_string(), (c, p));
+                }
+                _ => missing.push(*u),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let mut found = self.store.contacts_of(&missing).await?;
+        for u in &missing {
+            let (contact, prefs) = match found.remove(*u) {
+                Some(rows) => {
+                    let prefs: Prefs = rows.preferences.into_iter().map(|p| ((p.channel, p.category), p.opt_in)).collect();
+                    (Arc::new(Some(Contact { user: rows.user, devices: rows.devices, health: rows.health })), Arc::new(prefs))
+                }
+                None => (Arc::new(None), Arc::new(Prefs::new())),
+            };
+            self.users.insert(u.to_string(), contact.clone()).await;
+            self.prefs.insert(u.to_string(), prefs.clone()).await;
+            out.insert(u.to_string(), (contact, prefs));
+        }
+        // The follower counts before it invalidates: an unchanged count here means any later
+        // invalidation comes after these inserts and removes them itself.
+        if self.invalidations.load(Ordering::SeqCst) != before {
+            for u in &missing {
+                self.users.invalidate(*u).await;
+                self.prefs.invalidate(*u).await;
+            }
+        }
+        Ok(out)
     }
 
     pub async fn contact(&self, user_id: &str) -> Result<Arc<Option<Contact>>, StoreError> {
@@ -85,6 +135,7 @@ impl Contacts {
 
     /// Applies one change-topic key.
     pub async fn invalidate(&self, key: &str) {
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         match key.split_once(':') {
             Some(("user" | "devices" | "preferences", id)) => {
                 self.users.invalidate(id).await;

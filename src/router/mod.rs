@@ -44,7 +44,7 @@ use crate::store::{DedupClaim, NewThrottleHit, Store, ThrottleHit};
 use crate::telemetry::events;
 use crate::topology::Topology;
 use crate::tracking::TrackingSettings;
-use contacts::{Contact, Contacts, LoadedTemplate, Prefs};
+use contacts::{Contacts, LoadedTemplate};
 use policy::QuietHours;
 
 /// Header on delay-topic records: when the hold ends (epoch ms, decimal).
@@ -144,7 +144,7 @@ struct BatchState {
     owners: HashMap<String, DedupClaim>,
     /// Records (by claimant) that already went through in this batch.
     passed: HashSet<DedupClaim>,
-    contacts: HashMap<String, (Arc<Option<Contact>>, Arc<Prefs>)>,
+    contacts: HashMap<String, contacts::Cached>,
     /// (user, channel, category) → hits.
     hits: HashMap<(String, String, String), Vec<ThrottleHit>>,
 }
@@ -233,7 +233,8 @@ impl Router {
 
     /// Reads what the batch's records need from the store, concurrently: dedup claims (or,
     /// with lightweight transactions, makes them), contacts and preferences through the
-    /// cache, and the throttle hits of every throttled user × channel × category.
+    /// cache (one bulk read for the users it lacks), and the throttle hits of every throttled
+    /// user × channel × category.
     async fn prefetch(&self, ready: &[(&Source<'_>, &Ready)]) -> Result<BatchState, StageError> {
         let mut first_claimant: Vec<(&str, DedupClaim)> = Vec::new();
         let mut seen = HashSet::new();
@@ -269,16 +270,7 @@ impl Router {
                 self.store.claim_events(&first_claimant, ttl).await
             }
         };
-        let loads: Vec<_> = users
-            .into_iter()
-            .map(|u| async move {
-                let (c, p) = tokio::try_join!(self.contacts.contact(u), self.contacts.prefs(u))?;
-                Ok::<_, crate::store::StoreError>((u.to_string(), (c, p)))
-            })
-            .collect();
-        let contacts = futures::stream::iter(loads)
-            .buffer_unordered(self.cfg.concurrency)
-            .try_collect::<HashMap<_, _>>();
+        let contacts = self.contacts.load_many(&users);
         let hits = futures::future::try_join_all(throttled.iter().map(|((ch, cat), users)| async move {
             let found = self.store.throttle_hits(ch, cat, users).await?;
             Ok::<_, crate::store::StoreError>(found.into_iter().map(|(u, h)| ((u, ch.to_string(), cat.to_string()), h)).collect::<Vec<_>>())
@@ -587,7 +579,9 @@ impl Router {
             sources.push(Source { msg, id: format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()), released });
         }
         let stages: Vec<_> = sources.iter().map(|src| self.stage(src)).collect();
+        let t0 = std::time::Instant::now();
         let staged: Vec<Staged> = futures::stream::iter(stages).buffered(self.cfg.concurrency).try_collect().await?;
+        let t_stage = t0.elapsed();
         let ready: Vec<(&Source<'_>, &Ready)> = sources
             .iter()
             .zip(&staged)
@@ -597,12 +591,23 @@ impl Router {
             })
             .collect();
         let mut state = self.prefetch(&ready).await?;
+        let t_prefetch = t0.elapsed();
         let mut writes = BatchWrites::default();
         let mut outputs = Vec::new();
         for (src, s) in sources.iter().zip(staged) {
             outputs.extend(self.decide(src, s, &mut state, &mut writes).await?);
         }
+        let t_decide = t0.elapsed();
         self.flush(&writes).await?;
+        tracing::debug!(
+            records = batch.len(),
+            outputs = outputs.len(),
+            stage_ms = t_stage.as_millis() as u64,
+            prefetch_ms = (t_prefetch - t_stage).as_millis() as u64,
+            decide_ms = (t_decide - t_prefetch).as_millis() as u64,
+            flush_ms = (t0.elapsed() - t_decide).as_millis() as u64,
+            "batch routed"
+        );
         Ok(BatchResult { outputs, holds })
     }
 }
