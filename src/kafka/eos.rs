@@ -1,10 +1,18 @@
 //! The exactly-once stage loop: consume a batch, process it, then produce every output and
 //! commit the consumed offsets in one Kafka transaction (read_committed in, transactional out).
 //!
-//! - A batch is always finished (committed or aborted and rewound) before the consumer is
-//!   polled again, so a rebalance never finds processed-but-uncommitted work; records of
-//!   partitions revoked while a batch was being filled are dropped (their new owner reads
-//!   them again from the committed offset).
+//! - Without pipelining, a batch is always finished (committed or aborted and rewound)
+//!   before the consumer is polled again, so a rebalance never finds processed-but-
+//!   uncommitted work. A batch being filled when the assignment changes is dropped whole
+//!   and its partitions that are still ours are rewound; the others' new owners read them
+//!   again from the committed offsets.
+//! - With pipelining ([`StageSettings::pipeline`]), the next batch is collected and
+//!   processed while the previous batch's transaction commits on a blocking thread. It is
+//!   processed after the previous batch's processing finished, so it sees every store write
+//!   that batch made. If that commit fails, both batches are rewound and processed again;
+//!   if a rebalance happens while a processed batch waits for its commit, it is never
+//!   committed (its records are read again by whoever owns them). The consumer is never
+//!   polled while a transaction is in flight.
 //! - A retryable processing error or an abortable transaction error aborts the transaction
 //!   and rewinds the batch's partitions; the batch is processed again after a backoff.
 //!   Side effects outside Kafka must therefore be idempotent (the router's are).
@@ -14,7 +22,7 @@
 //! - The transactional id is stable per replica (`<group>-<instance>`), so a restarted
 //!   replica fences its dead predecessor and aborts its open transaction immediately.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,12 +129,14 @@ pub struct StageSettings {
     pub batch_max: usize,
     pub batch_wait: Duration,
     pub transaction_timeout: Duration,
+    /// Process the next batch while the previous one's transaction commits (see the module
+    /// docs); off: each batch is committed before the consumer is polled again.
+    pub pipeline: bool,
 }
 
-/// Remembers partitions revoked while a batch fills, and whether assignments changed.
+/// Whether the assignment changed since the loop last looked.
 #[derive(Default)]
 struct Revocations {
-    revoked: HashSet<(String, i32)>,
     rebalanced: bool,
 }
 
@@ -157,9 +167,6 @@ impl ConsumerContext for StageContext {
         let mut s = self.state.lock().unwrap();
         s.rebalanced = true;
         if let Rebalance::Revoke(tpl) = rebalance {
-            for e in tpl.elements() {
-                s.revoked.insert((e.topic().to_string(), e.partition()));
-            }
             tracing::info!(partitions = tpl.count(), "partitions revoked");
         }
     }
@@ -209,24 +216,65 @@ pub async fn run<P: Processor>(
 
     let mut paused: HashMap<(String, i32), i64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
+    let backoff_after = |b: &mut Duration| {
+        let waited = *b;
+        *b = (*b * 2).min(Duration::from_secs(10));
+        waited
+    };
+    // A processed batch whose transaction is not committed yet (see the module docs).
+    let mut pending: Option<(Vec<OwnedMessage>, BatchResult)> = None;
+    loop {
+        let stopping = shutdown.is_cancelled();
+        if stopping && pending.is_none() {
+            break;
+        }
         resume_due(&consumer, &mut paused);
-        let Some(batch) = collect(&consumer, settings, &shutdown, &state, &mut paused).await? else {
+        // Without pipelining a processed batch is committed before the consumer is polled
+        // again; with it, the next batch is collected (waiting at most `batch_wait` for a
+        // first record, so a quiet topic does not delay the commit) and processed while the
+        // transaction commits.
+        let (next, rebalanced) = if !stopping && (pending.is_none() || settings.pipeline) {
+            collect(&consumer, settings, &shutdown, &state, &mut paused, pending.is_some()).await?
+        } else {
+            (None, false)
+        };
+        if rebalanced && pending.is_some() {
+            // Its partitions may have moved: never commit it; whoever owns them now reads
+            // them again from the committed offsets, and partitions still ours are rewound.
+            let (mut all, _) = pending.take().expect("checked");
+            tracing::info!(records = all.len(), "rebalance: dropping the batch not yet committed");
+            all.extend(next.unwrap_or_default());
+            rewind(&consumer, &all);
+            continue;
+        }
+        let Some((batch, result)) = pending.take() else {
+            if let Some(next) = next {
+                match processor.process(&next).await {
+                    Ok(r) => pending = Some((next, r)),
+                    Err(StageError::Retryable(why)) => {
+                        tracing::warn!(%why, records = next.len(), ?backoff, "batch failed, rewinding to retry");
+                        rewind(&consumer, &next);
+                        tokio::time::sleep(backoff_after(&mut backoff)).await;
+                    }
+                    Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
+                }
+            }
             continue;
         };
-        let result = match processor.process(&batch).await {
-            Ok(r) => r,
-            Err(StageError::Retryable(why)) => {
-                tracing::warn!(%why, records = batch.len(), ?backoff, "batch failed, rewinding to retry");
-                rewind(&consumer, &batch);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-            Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
-        };
+        // Commit `batch` while `next` (if any) is processed.
         let committing = std::time::Instant::now();
-        match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
+        let commit = async {
+            let finish = start_commit(&consumer, &producer, &batch, &result, timeout).await?;
+            finish.await.unwrap_or_else(|e| panic!("transaction commit task: {e}"))
+        };
+        let work = async {
+            match &next {
+                Some(n) => Some(processor.process(n).await),
+                None => None,
+            }
+        };
+        let (committed, processed) = tokio::join!(commit, work);
+        match committed {
             Ok(()) => {
                 tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
                 backoff = Duration::from_millis(100);
@@ -240,6 +288,12 @@ pub async fn run<P: Processor>(
                     hold(&consumer, h);
                     paused.insert((h.topic.clone(), h.partition), h.until_ms);
                 }
+                let held = |m: &OwnedMessage| result.holds.iter().any(|h| h.topic == m.topic() && h.partition == m.partition());
+                if let Some(n) = next.as_ref().filter(|n| n.iter().any(held)) {
+                    // Records past a hold were processed alongside it: read them again.
+                    rewind(&consumer, n);
+                    continue;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "transaction failed; aborting and rewinding");
@@ -249,10 +303,23 @@ pub async fn run<P: Processor>(
                 if matches!(&e, KafkaError::Transaction(t) if t.is_fatal()) {
                     return Err(BusError::Op { op: "commit transaction", source: e });
                 }
-                rewind(&consumer, &batch);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                // The next batch was processed on top of this one: both are read again.
+                let mut all = batch;
+                all.extend(next.unwrap_or_default());
+                rewind(&consumer, &all);
+                tokio::time::sleep(backoff_after(&mut backoff)).await;
+                continue;
             }
+        }
+        match (next, processed) {
+            (Some(n), Some(Ok(r))) => pending = Some((n, r)),
+            (Some(n), Some(Err(StageError::Retryable(why)))) => {
+                tracing::warn!(%why, records = n.len(), ?backoff, "batch failed, rewinding to retry");
+                rewind(&consumer, &n);
+                tokio::time::sleep(backoff_after(&mut backoff)).await;
+            }
+            (Some(_), Some(Err(StageError::Fatal(why)))) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
+            _ => {}
         }
     }
     tracing::info!(group = %settings.group_id, "stage stopped");
@@ -260,20 +327,23 @@ pub async fn run<P: Processor>(
 }
 
 /// Waits for a first record (or shutdown), then fills the batch for at most `batch_wait`.
-/// Drops records of partitions revoked meanwhile and of partitions we hold paused.
+/// Drops records of partitions we hold paused, and the whole batch (rewound) when the
+/// assignment changed meanwhile; the flag says whether it did.
 async fn collect(
     consumer: &StreamConsumer<StageContext>,
     settings: &StageSettings,
     shutdown: &CancellationToken,
     state: &Mutex<Revocations>,
     paused: &mut HashMap<(String, i32), i64>,
-) -> Result<Option<Vec<OwnedMessage>>, BusError> {
-    state.lock().unwrap().revoked.clear();
+    quick: bool,
+) -> Result<(Option<Vec<OwnedMessage>>, bool), BusError> {
+    let idle = if quick { settings.batch_wait } else { Duration::from_millis(500) };
     let first = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(None),
-        m = consumer.recv() => m,
-        _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(None),
+        _ = shutdown.cancelled() => None,
+        m = consumer.recv() => Some(m),
+        _ = tokio::time::sleep(idle) => None,
     };
+    let Some(first) = first else { return Ok((None, take_rebalanced(state, paused))) };
     let mut batch = vec![first.map_err(|source| BusError::Op { op: "consume", source })?.detach()];
     let deadline = tokio::time::Instant::now() + settings.batch_wait;
     while batch.len() < settings.batch_max {
@@ -283,26 +353,43 @@ async fn collect(
             Err(_) => break,
         }
     }
-    let mut s = state.lock().unwrap();
-    if std::mem::take(&mut s.rebalanced) {
-        // A new assignment starts unpaused from the committed offsets.
-        paused.clear();
+    if take_rebalanced(state, paused) {
+        // The batch may mix records fetched before the rebalance (of partitions since
+        // revoked, perhaps given straight back) with records fetched after it from the
+        // committed offsets. Dropping only a revoked partition's records would lose those
+        // fetched after its reassignment (the position is already past them), so the whole
+        // batch goes, and each partition still ours is read again from its first record.
+        tracing::info!(records = batch.len(), "rebalance while collecting: reading the batch again");
+        rewind(consumer, &batch);
+        return Ok((None, true));
     }
-    batch.retain(|m| {
-        let tp = (m.topic().to_string(), m.partition());
-        !s.revoked.contains(&tp) && !paused.contains_key(&tp)
-    });
-    Ok(if batch.is_empty() { None } else { Some(batch) })
+    batch.retain(|m| !paused.contains_key(&(m.topic().to_string(), m.partition())));
+    Ok((if batch.is_empty() { None } else { Some(batch) }, false))
 }
 
-/// Produces the outputs and commits the offsets, all in one transaction.
-async fn commit_batch(
+/// Whether the assignment changed since the last call; a new assignment starts unpaused
+/// from the committed offsets.
+fn take_rebalanced(state: &Mutex<Revocations>, paused: &mut HashMap<(String, i32), i64>) -> bool {
+    let rebalanced = std::mem::take(&mut state.lock().unwrap().rebalanced);
+    if rebalanced {
+        paused.clear();
+    }
+    rebalanced
+}
+
+/// The committing half of a transaction, running on a blocking thread.
+type Finish = tokio::task::JoinHandle<Result<(), KafkaError>>;
+
+/// Begins the transaction and produces the outputs; the returned task adds the consumed
+/// offsets and commits, on a blocking thread, so the caller's task can go on (processing
+/// the next batch) while the broker completes the transaction.
+async fn start_commit(
     consumer: &StreamConsumer<StageContext>,
     producer: &FutureProducer,
     batch: &[OwnedMessage],
     result: &BatchResult,
     timeout: Duration,
-) -> Result<(), KafkaError> {
+) -> Result<Finish, KafkaError> {
     producer.begin_transaction()?;
     for o in &result.outputs {
         let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
@@ -334,8 +421,11 @@ async fn commit_batch(
     let metadata = consumer
         .group_metadata()
         .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
-    blocking(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout))?;
-    blocking(|| producer.commit_transaction(timeout))
+    let producer = producer.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        producer.send_offsets_to_transaction(&offsets, &metadata, timeout)?;
+        producer.commit_transaction(timeout)
+    }))
 }
 
 /// Per partition in the batch: the offset to commit (after the last record, or the held one).

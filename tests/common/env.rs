@@ -111,6 +111,12 @@ impl Env {
 
     /// Starts `herald <args>` with this env's config; output goes to a log file in the env dir.
     pub fn spawn(&self, name: &str, args: &[&str]) {
+        self.spawn_env(name, args, &[]);
+    }
+
+    /// Like [`Env::spawn`], with extra environment variables (e.g. a second replica's
+    /// `HERALD__ROUTER__INSTANCE_ID`).
+    pub fn spawn_env(&self, name: &str, args: &[&str], vars: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,6 +126,7 @@ impl Env {
             .args(args)
             .env("HERALD_CONFIG", &self.config_path)
             .env("RUST_LOG", "info,scylla=warn,herald=debug")
+            .envs(vars.iter().copied())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
