@@ -278,9 +278,6 @@ pub struct RouterConfig {
     pub concurrency: usize,
     /// `transaction.timeout.ms`: how long a dead replica's open transaction can block readers.
     pub transaction_timeout_ms: u64,
-    /// Process the next batch while the previous one's Kafka transaction commits (store
-    /// reads and writes overlap the commit); off: one batch at a time.
-    pub pipeline: bool,
     /// How long dedup claims live.
     #[serde(with = "duration")]
     pub dedup_ttl: Duration,
@@ -325,7 +322,6 @@ impl Default for RouterConfig {
             batch_wait_ms: 20,
             concurrency: 64,
             transaction_timeout_ms: 10_000,
-            pipeline: true,
             dedup_ttl: Duration::from_secs(7 * 86_400),
             dedup_mode: "lwt".into(),
             cache_max_entries: 100_000,

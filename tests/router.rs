@@ -451,8 +451,7 @@ async fn quiet_hours_hold_then_release() {
 /// survives another SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
-    // Small batches, pipelined (the default): rebalances find batches processed but not yet
-    // committed, which must never be committed.
+    // Small batches, so rebalances land while batches are being filled and committed.
     let env = start_router("[router]\nbatch_max = 20\n").await;
     let users: Vec<String> = (0..20).map(|i| format!("{}-{i}", unique("reb"))).collect();
     for u in &users {
@@ -476,13 +475,22 @@ async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
         if i == 200 {
             env.spawn_env("router-c", &["router"], &[("HERALD__ROUTER__INSTANCE_ID", "c")]);
         }
-        if i == 300 {
-            // Once c has committed batches of its own, it leaves.
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while !env.log("router-c").contains("batch committed") {
-                assert!(std::time::Instant::now() < deadline, "the third replica never committed a batch:\n{}", common::env::tail(&env.log("router-c"), 20));
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        // c gets partitions, routes what is sent after that, then leaves.
+        let wait_for = |what: &'static str| {
+            let env = &env;
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !env.log("router-c").contains(what) {
+                    assert!(std::time::Instant::now() < deadline, "the third replica never logged '{what}':\n{}", common::env::tail(&env.log("router-c"), 20));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
+        };
+        if i == 300 {
+            wait_for("partitions assigned").await;
+        }
+        if i == 350 {
+            wait_for("batch committed").await;
             env.stop("router-c", false);
         }
     }

@@ -410,7 +410,6 @@ pub async fn run(config: &Config, topology: &Topology, channel: &str, shutdown: 
         batch_max: config.dispatch.batch_max,
         batch_wait: Duration::from_millis(config.dispatch.batch_wait_ms),
         transaction_timeout: Duration::from_millis(config.dispatch.transaction_timeout_ms),
-        pipeline: false,
     };
     eos::run(k, &settings, &Stage(d), shutdown).await?;
     Ok(())

@@ -1,18 +1,10 @@
 //! The exactly-once stage loop: consume a batch, process it, then produce every output and
 //! commit the consumed offsets in one Kafka transaction (read_committed in, transactional out).
 //!
-//! - Without pipelining, a batch is always finished (committed or aborted and rewound)
-//!   before the consumer is polled again, so a rebalance never finds processed-but-
-//!   uncommitted work. A batch being filled when the assignment changes is dropped whole
-//!   and its partitions that are still ours are rewound; the others' new owners read them
-//!   again from the committed offsets.
-//! - With pipelining ([`StageSettings::pipeline`]), the next batch is collected and
-//!   processed while the previous batch's transaction commits on a blocking thread. It is
-//!   processed after the previous batch's processing finished, so it sees every store write
-//!   that batch made. If that commit fails, both batches are rewound and processed again;
-//!   if a rebalance happens while a processed batch waits for its commit, it is never
-//!   committed (its records are read again by whoever owns them). The consumer is never
-//!   polled while a transaction is in flight.
+//! - A batch is always finished (committed or aborted and rewound) before the consumer is
+//!   polled again, so a rebalance never finds processed-but-uncommitted work. A batch being
+//!   filled when the assignment changes is dropped whole and its partitions that are still
+//!   ours are rewound; the others' new owners read them again from the committed offsets.
 //! - A retryable processing error or an abortable transaction error aborts the transaction
 //!   and rewinds the batch's partitions; the batch is processed again after a backoff.
 //!   Side effects outside Kafka must therefore be idempotent (the router's are).
@@ -129,9 +121,6 @@ pub struct StageSettings {
     pub batch_max: usize,
     pub batch_wait: Duration,
     pub transaction_timeout: Duration,
-    /// Process the next batch while the previous one's transaction commits (see the module
-    /// docs); off: each batch is committed before the consumer is polled again.
-    pub pipeline: bool,
 }
 
 /// Whether the assignment changed since the loop last looked.
@@ -216,65 +205,24 @@ pub async fn run<P: Processor>(
 
     let mut paused: HashMap<(String, i32), i64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
-    let backoff_after = |b: &mut Duration| {
-        let waited = *b;
-        *b = (*b * 2).min(Duration::from_secs(10));
-        waited
-    };
-    // A processed batch whose transaction is not committed yet (see the module docs).
-    let mut pending: Option<(Vec<OwnedMessage>, BatchResult)> = None;
-    loop {
-        let stopping = shutdown.is_cancelled();
-        if stopping && pending.is_none() {
-            break;
-        }
+    while !shutdown.is_cancelled() {
         resume_due(&consumer, &mut paused);
-        // Without pipelining a processed batch is committed before the consumer is polled
-        // again; with it, the next batch is collected (waiting at most `batch_wait` for a
-        // first record, so a quiet topic does not delay the commit) and processed while the
-        // transaction commits.
-        let (next, rebalanced) = if !stopping && (pending.is_none() || settings.pipeline) {
-            collect(&consumer, settings, &shutdown, &state, &mut paused, pending.is_some()).await?
-        } else {
-            (None, false)
-        };
-        if rebalanced && pending.is_some() {
-            // Its partitions may have moved: never commit it; whoever owns them now reads
-            // them again from the committed offsets, and partitions still ours are rewound.
-            let (mut all, _) = pending.take().expect("checked");
-            tracing::info!(records = all.len(), "rebalance: dropping the batch not yet committed");
-            all.extend(next.unwrap_or_default());
-            rewind(&consumer, &all);
+        let Some(batch) = collect(&consumer, settings, &shutdown, &state, &mut paused).await? else {
             continue;
-        }
-        let Some((batch, result)) = pending.take() else {
-            if let Some(next) = next {
-                match processor.process(&next).await {
-                    Ok(r) => pending = Some((next, r)),
-                    Err(StageError::Retryable(why)) => {
-                        tracing::warn!(%why, records = next.len(), ?backoff, "batch failed, rewinding to retry");
-                        rewind(&consumer, &next);
-                        tokio::time::sleep(backoff_after(&mut backoff)).await;
-                    }
-                    Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
-                }
+        };
+        let result = match processor.process(&batch).await {
+            Ok(r) => r,
+            Err(StageError::Retryable(why)) => {
+                tracing::warn!(%why, records = batch.len(), ?backoff, "batch failed, rewinding to retry");
+                rewind(&consumer, &batch);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
             }
-            continue;
+            Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
         };
-        // Commit `batch` while `next` (if any) is processed.
         let committing = std::time::Instant::now();
-        let commit = async {
-            let finish = start_commit(&consumer, &producer, &batch, &result, timeout).await?;
-            finish.await.unwrap_or_else(|e| panic!("transaction commit task: {e}"))
-        };
-        let work = async {
-            match &next {
-                Some(n) => Some(processor.process(n).await),
-                None => None,
-            }
-        };
-        let (committed, processed) = tokio::join!(commit, work);
-        match committed {
+        match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
             Ok(()) => {
                 tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
                 backoff = Duration::from_millis(100);
@@ -288,12 +236,6 @@ pub async fn run<P: Processor>(
                     hold(&consumer, h);
                     paused.insert((h.topic.clone(), h.partition), h.until_ms);
                 }
-                let held = |m: &OwnedMessage| result.holds.iter().any(|h| h.topic == m.topic() && h.partition == m.partition());
-                if let Some(n) = next.as_ref().filter(|n| n.iter().any(held)) {
-                    // Records past a hold were processed alongside it: read them again.
-                    rewind(&consumer, n);
-                    continue;
-                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "transaction failed; aborting and rewinding");
@@ -303,23 +245,10 @@ pub async fn run<P: Processor>(
                 if matches!(&e, KafkaError::Transaction(t) if t.is_fatal()) {
                     return Err(BusError::Op { op: "commit transaction", source: e });
                 }
-                // The next batch was processed on top of this one: both are read again.
-                let mut all = batch;
-                all.extend(next.unwrap_or_default());
-                rewind(&consumer, &all);
-                tokio::time::sleep(backoff_after(&mut backoff)).await;
-                continue;
+                rewind(&consumer, &batch);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-        }
-        match (next, processed) {
-            (Some(n), Some(Ok(r))) => pending = Some((n, r)),
-            (Some(n), Some(Err(StageError::Retryable(why)))) => {
-                tracing::warn!(%why, records = n.len(), ?backoff, "batch failed, rewinding to retry");
-                rewind(&consumer, &n);
-                tokio::time::sleep(backoff_after(&mut backoff)).await;
-            }
-            (Some(_), Some(Err(StageError::Fatal(why)))) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
-            _ => {}
         }
     }
     tracing::info!(group = %settings.group_id, "stage stopped");
@@ -328,22 +257,19 @@ pub async fn run<P: Processor>(
 
 /// Waits for a first record (or shutdown), then fills the batch for at most `batch_wait`.
 /// Drops records of partitions we hold paused, and the whole batch (rewound) when the
-/// assignment changed meanwhile; the flag says whether it did.
+/// assignment changed meanwhile.
 async fn collect(
     consumer: &StreamConsumer<StageContext>,
     settings: &StageSettings,
     shutdown: &CancellationToken,
     state: &Mutex<Revocations>,
     paused: &mut HashMap<(String, i32), i64>,
-    quick: bool,
-) -> Result<(Option<Vec<OwnedMessage>>, bool), BusError> {
-    let idle = if quick { settings.batch_wait } else { Duration::from_millis(500) };
+) -> Result<Option<Vec<OwnedMessage>>, BusError> {
     let first = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        m = consumer.recv() => Some(m),
-        _ = tokio::time::sleep(idle) => None,
+        _ = shutdown.cancelled() => return Ok(None),
+        m = consumer.recv() => m,
+        _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(None),
     };
-    let Some(first) = first else { return Ok((None, take_rebalanced(state, paused))) };
     let mut batch = vec![first.map_err(|source| BusError::Op { op: "consume", source })?.detach()];
     let deadline = tokio::time::Instant::now() + settings.batch_wait;
     while batch.len() < settings.batch_max {
@@ -353,7 +279,9 @@ async fn collect(
             Err(_) => break,
         }
     }
-    if take_rebalanced(state, paused) {
+    if std::mem::take(&mut state.lock().unwrap().rebalanced) {
+        // A new assignment starts unpaused from the committed offsets.
+        paused.clear();
         // The batch may mix records fetched before the rebalance (of partitions since
         // revoked, perhaps given straight back) with records fetched after it from the
         // committed offsets. Dropping only a revoked partition's records would lose those
@@ -361,35 +289,20 @@ async fn collect(
         // batch goes, and each partition still ours is read again from its first record.
         tracing::info!(records = batch.len(), "rebalance while collecting: reading the batch again");
         rewind(consumer, &batch);
-        return Ok((None, true));
+        return Ok(None);
     }
     batch.retain(|m| !paused.contains_key(&(m.topic().to_string(), m.partition())));
-    Ok((if batch.is_empty() { None } else { Some(batch) }, false))
+    Ok(if batch.is_empty() { None } else { Some(batch) })
 }
 
-/// Whether the assignment changed since the last call; a new assignment starts unpaused
-/// from the committed offsets.
-fn take_rebalanced(state: &Mutex<Revocations>, paused: &mut HashMap<(String, i32), i64>) -> bool {
-    let rebalanced = std::mem::take(&mut state.lock().unwrap().rebalanced);
-    if rebalanced {
-        paused.clear();
-    }
-    rebalanced
-}
-
-/// The committing half of a transaction, running on a blocking thread.
-type Finish = tokio::task::JoinHandle<Result<(), KafkaError>>;
-
-/// Begins the transaction and produces the outputs; the returned task adds the consumed
-/// offsets and commits, on a blocking thread, so the caller's task can go on (processing
-/// the next batch) while the broker completes the transaction.
-async fn start_commit(
+/// Produces the outputs and commits the offsets, all in one transaction.
+async fn commit_batch(
     consumer: &StreamConsumer<StageContext>,
     producer: &FutureProducer,
     batch: &[OwnedMessage],
     result: &BatchResult,
     timeout: Duration,
-) -> Result<Finish, KafkaError> {
+) -> Result<(), KafkaError> {
     producer.begin_transaction()?;
     for o in &result.outputs {
         let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
@@ -421,11 +334,8 @@ async fn start_commit(
     let metadata = consumer
         .group_metadata()
         .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
-    let producer = producer.clone();
-    Ok(tokio::task::spawn_blocking(move || {
-        producer.send_offsets_to_transaction(&offsets, &metadata, timeout)?;
-        producer.commit_transaction(timeout)
-    }))
+    blocking(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout))?;
+    blocking(|| producer.commit_transaction(timeout))
 }
 
 /// Per partition in the batch: the offset to commit (after the last record, or the held one).

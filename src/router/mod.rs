@@ -654,11 +654,8 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
         batch_max: r.batch_max,
         batch_wait: std::time::Duration::from_millis(r.batch_wait_ms),
         transaction_timeout: std::time::Duration::from_millis(r.transaction_timeout_ms),
-        pipeline: false,
     };
-    // The requests stage overlaps a batch's commit with the next batch's store reads and
-    // writes; the delay stage holds partitions and carries little, so it stays one at a time.
-    let main = StageSettings { pipeline: r.pipeline, ..settings("router", topics) };
+    let main = settings("router", topics);
     let delay = settings("router-delay", vec![router.topics.delay.clone()]);
     let follower = tokio::spawn({
         let (k, topic, contacts, stop) = (k.clone(), router.topics.changes.clone(), router.contacts.clone(), shutdown.clone());
