@@ -446,17 +446,41 @@ async fn quiet_hours_hold_then_release() {
     assert_eq!(env.wait_deliveries(&req.event_id, 1, WAIT).await.len(), 1);
 }
 
-/// SIGKILL the router in the middle of a stream; after a restart the output topics
-/// (read_committed) hold every expected delivery exactly once. Then throttling state
-/// survives another SIGKILL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
-    // Small batches, so rebalances land while batches are being filled and committed.
+/// A router on small batches (so crashes and rebalances land mid-batch) and 20 users with
+/// an email address and an iPhone.
+async fn stream_env(tag: &str) -> (Env, Vec<String>) {
     let env = start_router("[router]\nbatch_max = 20\n").await;
-    let users: Vec<String> = (0..20).map(|i| format!("{}-{i}", unique("reb"))).collect();
+    let users: Vec<String> = (0..20).map(|i| format!("{}-{i}", unique(tag))).collect();
     for u in &users {
         env.user(u, true, false, &[("ios", "ee55ff66")], None).await;
     }
+    (env, users)
+}
+
+/// The output topics (read_committed) hold each event's two deliveries and two `routed`
+/// outcomes exactly once, and no event was called a duplicate.
+async fn each_routed_exactly_once(env: &Env, events: &[String]) {
+    for e in events {
+        env.wait_outcomes(e, Duration::from_secs(90), |os| os.iter().filter(|o| o.status == "routed").count() >= 2).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show up by now
+    for e in events {
+        let ds = env.deliveries(e);
+        let mut ids: Vec<_> = ds.iter().map(|d| d.delivery_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((ds.len(), ids.len()), (2, 2), "event {e}: deliveries {:?}", ds.iter().map(|d| &d.channel).collect::<Vec<_>>());
+        let routed = env.outcomes(e).iter().filter(|o| o.status == "routed").count();
+        assert_eq!(routed, 2, "event {e}: routed outcomes");
+        assert!(!env.outcomes(e).iter().any(|o| o.status == "duplicate"), "event {e} called a duplicate");
+    }
+}
+
+/// Replicas join and leave while a stream is routed (one leaving while the group is still
+/// settling); the outputs hold every expected delivery exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
+    let (env, users) = stream_env("reb").await;
     let mut events = Vec::new();
     for i in 0..400 {
         let req = request(&users[i % users.len()], "billing", "bill_due", &[("amount", &i.to_string())]);
@@ -494,26 +518,15 @@ async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
             env.stop("router-c", false);
         }
     }
-    for e in &events {
-        env.wait_outcomes(e, Duration::from_secs(90), |os| os.iter().filter(|o| o.status == "routed").count() >= 2).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show up by now
-    for e in &events {
-        let ds = env.deliveries(e);
-        assert_eq!(ds.len(), 2, "event {e}: deliveries {:?}", ds.iter().map(|d| &d.channel).collect::<Vec<_>>());
-        let routed = env.outcomes(e).iter().filter(|o| o.status == "routed").count();
-        assert_eq!(routed, 2, "event {e}: routed outcomes");
-        assert!(!env.outcomes(e).iter().any(|o| o.status == "duplicate"), "event {e} called a duplicate across rebalances");
-    }
+    each_routed_exactly_once(&env, &events).await;
 }
 
+/// SIGKILL the router in the middle of a stream; after a restart the output topics
+/// (read_committed) hold every expected delivery exactly once. Then throttling state
+/// survives another SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_keeps_outputs_exactly_once_and_throttle_state() {
-    let env = start_router("[router]\nbatch_max = 20\n").await;
-    let users: Vec<String> = (0..20).map(|i| format!("{}-{i}", unique("eos"))).collect();
-    for u in &users {
-        env.user(u, true, false, &[("ios", "ee55ff66")], None).await;
-    }
+    let (env, users) = stream_env("eos").await;
     let mut events = Vec::new();
     for i in 0..400 {
         let req = request(&users[i % users.len()], "billing", "bill_due", &[("amount", &i.to_string())]);
@@ -527,20 +540,7 @@ async fn sigkill_mid_stream_keeps_outputs_exactly_once_and_throttle_state() {
             env.spawn("router", &["router"]);
         }
     }
-    for e in &events {
-        env.wait_outcomes(e, Duration::from_secs(90), |os| os.iter().filter(|o| o.status == "routed").count() >= 2).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show up by now
-    for e in &events {
-        let ds = env.deliveries(e);
-        let mut ids: Vec<_> = ds.iter().map(|d| d.delivery_id.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        assert_eq!((ds.len(), ids.len()), (2, 2), "event {e}: deliveries {:?}", ds.iter().map(|d| &d.channel).collect::<Vec<_>>());
-        let routed = env.outcomes(e).iter().filter(|o| o.status == "routed").count();
-        assert_eq!(routed, 2, "event {e}: routed outcomes");
-        assert!(!env.outcomes(e).iter().any(|o| o.status == "duplicate"), "event {e} called a duplicate after the crash");
-    }
+    each_routed_exactly_once(&env, &events).await;
 
     // promo: 2 per day per user × channel. Two pass, then SIGKILL, then the third is throttled.
     let user = unique("promo");
