@@ -81,10 +81,67 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// What one request needs: URL, body, headers.
-/// A request ready to send: URL, body, extra headers.
-type Prepared = (String, Vec<u8>, Vec<(&'static str, String)>);
+/// A request ready to send: target address, path, body, extra headers.
+#[derive(Clone)]
+struct Prepared {
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    body: bytes::Bytes,
+    headers: Vec<(&'static str, String)>,
+}
 type MakeRequest = Arc<dyn Fn(u64) -> Prepared + Send + Sync>;
+
+/// One client's own keep-alive HTTP/1.1 connection (wrk's model: a fixed set of
+/// connections, no pool to check out of, nothing parsed per request). The load generator
+/// shares the two cores with the servers, so what it spends per request is CPU the servers
+/// do not get; reconnects only after an error.
+struct Conn {
+    tx: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>,
+}
+
+impl Conn {
+    fn new() -> Conn {
+        Conn { tx: None }
+    }
+
+    async fn send(&mut self, p: &Prepared) -> bool {
+        if self.tx.as_ref().is_none_or(|tx| tx.is_closed()) {
+            let Ok(tcp) = tokio::net::TcpStream::connect(p.addr).await else { return false };
+            let _ = tcp.set_nodelay(true);
+            let Ok((tx, conn)) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await else { return false };
+            tokio::spawn(conn);
+            self.tx = Some(tx);
+        }
+        let tx = self.tx.as_mut().expect("connected");
+        if tx.ready().await.is_err() {
+            self.tx = None;
+            return false;
+        }
+        let mut req = hyper::Request::post(p.path).header("host", "127.0.0.1").header("content-type", "application/json");
+        for (k, v) in &p.headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req.body(http_body_util::Full::new(p.body.clone())).expect("valid request");
+        match tx.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status().as_u16() == 202;
+                ok && http_body_util::BodyExt::collect(resp.into_body()).await.is_ok()
+            }
+            Err(_) => {
+                self.tx = None;
+                false
+            }
+        }
+    }
+}
+
+/// One connection per client, each behind an (uncontended) lock so a shared closure can
+/// reach client `c`'s own.
+type Conns = Arc<Vec<Mutex<Conn>>>;
+
+fn conns(n: u64) -> Conns {
+    Arc::new((0..n).map(|_| Mutex::new(Conn::new())).collect())
+}
 
 struct Stats {
     n: usize,
@@ -117,33 +174,23 @@ fn stats(mut lat: Vec<Duration>, errors: usize, seconds: f64) -> Stats {
     Stats { n: lat.len(), errors, seconds, p50: pick(0.50), p99: pick(0.99) }
 }
 
-async fn one(http: &reqwest::Client, make: &MakeRequest, i: u64) -> bool {
-    send(http, &make(i)).await
-}
-
-async fn send(http: &reqwest::Client, (url, body, headers): &Prepared) -> bool {
-    let mut rb = http.post(url.as_str()).header("content-type", "application/json").body(body.clone());
-    for (k, v) in headers {
-        rb = rb.header(*k, v.as_str());
-    }
-    matches!(rb.send().await, Ok(r) if r.status().as_u16() == 202)
-}
-
 /// `concurrency` clients back to back for `seconds`.
-async fn closed_loop(http: &reqwest::Client, make: MakeRequest, concurrency: u64, seconds: u64) -> Stats {
+async fn closed_loop(conns: &Conns, make: MakeRequest, concurrency: u64, seconds: u64) -> Stats {
     let until = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let results = Arc::new(Mutex::new((Vec::new(), 0usize)));
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (http, make, results, counter) = (http.clone(), make.clone(), results.clone(), counter.clone());
+    for c in 0..concurrency as usize {
+        let (conns, make, results, counter) = (conns.clone(), make.clone(), results.clone(), counter.clone());
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0);
+            let mut conn = conns[c].lock().await;
             while Instant::now() < until {
                 let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let request = make(i);
                 let t = Instant::now();
-                if one(&http, &make, i).await {
+                if conn.send(&request).await {
                     lat.push(t.elapsed());
                 } else {
                     errors += 1;
@@ -162,23 +209,23 @@ async fn closed_loop(http: &reqwest::Client, make: MakeRequest, concurrency: u64
     stats(r.0.clone(), r.1, elapsed)
 }
 
-/// One unit of open-loop work: `true` when it succeeded.
-type Work = Arc<dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync>;
+/// One unit of open-loop work, (client, request index): `true` when it succeeded.
+type Work = Arc<dyn Fn(usize, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync>;
 
 /// Requests started at a fixed `rate` for `seconds`, each timed from its scheduled start.
 ///
 /// Every request is built (and signed) before the clock starts, as wrk2 prepares its
 /// requests: the load generator shares the machine's two cores with the server, and its
 /// own per-request work would otherwise be part of what is measured.
-async fn open_loop(http: &reqwest::Client, make: MakeRequest, rate: f64, seconds: u64, clients: u64) -> Stats {
+async fn open_loop(conns: &Conns, make: MakeRequest, rate: f64, seconds: u64, clients: u64) -> Stats {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000_000_000);
     let total = (rate * seconds as f64) as u64;
     let first = NEXT.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
     let prepared: Arc<Vec<Prepared>> = Arc::new((first..first + total).map(|i| make(i)).collect());
-    let http = http.clone();
-    let work: Work = Arc::new(move |i| {
-        let (http, prepared) = (http.clone(), prepared.clone());
-        Box::pin(async move { send(&http, &prepared[i as usize]).await })
+    let conns = conns.clone();
+    let work: Work = Arc::new(move |c, i| {
+        let (conns, prepared) = (conns.clone(), prepared.clone());
+        Box::pin(async move { conns[c].lock().await.send(&prepared[i as usize]).await })
     });
     settle().await;
     open_loop_with(work, rate, seconds, clients).await
@@ -226,8 +273,9 @@ async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> St
             for i in (client..total).step_by(clients as usize) {
                 let due = started + interval * i as u32;
                 tokio::time::sleep_until(due).await;
-                let ok = work(i).await;
-                done.push((i, ok, due.elapsed()));
+                let sent = tokio::time::Instant::now();
+                let ok = work(client as usize, i).await;
+                done.push((i, ok, due.elapsed(), sent - due));
             }
             done
         }));
@@ -236,8 +284,13 @@ async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> St
     for w in workers {
         results.extend(w.await.unwrap());
     }
-    results.sort_by_key(|(i, _, _)| *i);
-    let tasks = results.into_iter().map(|(_, ok, d)| (ok, d));
+    results.sort_by_key(|(i, _, _, _)| *i);
+    // A slow request either started late (its client was still busy with the previous one,
+    // or this process was not scheduled) or took long once sent.
+    let late = results.iter().filter(|(_, _, d, l)| *d > Duration::from_millis(10) && *l > Duration::from_millis(5)).count();
+    let long = results.iter().filter(|(_, _, d, l)| *d > Duration::from_millis(10) && d.saturating_sub(*l) > Duration::from_millis(10)).count();
+    println!("  of the requests over 10 ms: {late} started over 5 ms late, {long} took over 10 ms once sent");
+    let tasks = results.into_iter().map(|(_, ok, d, _)| (ok, d));
     let (mut lat, mut errors) = (Vec::new(), 0);
     // Where the slow requests fall in time: stalls show up as a few bad 100 ms windows.
     let mut slow_windows: std::collections::BTreeMap<u64, usize> = Default::default();
@@ -306,20 +359,23 @@ async fn main() {
     let body = move |i: u64| serde_json::to_vec(&serde_json::json!({ "user_id": format!("bench-{run}-{i}"), "template_id": "bill_due", "params": { "amount": "9.99" }, "channels": ["email"] })).unwrap();
     let trivial: MakeRequest = {
         let body = body.clone();
-        Arc::new(move |i| (format!("http://127.0.0.1:{trivial_port}/v1/notifications"), body(i), Vec::new()))
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], trivial_port));
+        Arc::new(move |i| Prepared { addr, path: "/v1/notifications", body: body(i).into(), headers: Vec::new() })
     };
     let signed: MakeRequest = Arc::new({
-        let base = base.clone();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         move |i| {
             let b = body(i);
-            let h = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
-            (format!("{base}/v1/notifications"), b, h)
+            let headers = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
+            Prepared { addr, path: "/v1/notifications", body: b.into(), headers }
         }
     });
+    // Each server gets its own set of connections, kept across phases.
+    let (trivial_conns, api_conns) = (conns(concurrency), conns(concurrency));
 
     // Warm up both (connections, registry schema lookups, template cache).
-    closed_loop(&http, trivial.clone(), concurrency, 1).await;
-    closed_loop(&http, signed.clone(), concurrency, 2).await;
+    closed_loop(&trivial_conns, trivial.clone(), concurrency, 1).await;
+    closed_loop(&api_conns, signed.clone(), concurrency, 2).await;
 
     // Rounds, each measuring all three back to back: the machine is shared, so one round
     // can land on someone else's burst; the medians are the figures, every round is shown.
@@ -334,7 +390,7 @@ async fn main() {
             .create()
             .unwrap();
         let topic = env.topic("requests");
-        Arc::new(move |i| {
+        Arc::new(move |_, i| {
             let (producer, topic) = (producer.clone(), topic.clone());
             Box::pin(async move {
                 let key = format!("bench-user-{}", 1_000_000_000 + i);
@@ -346,13 +402,13 @@ async fn main() {
     };
     for round in 1..=rounds {
         println!("-- round {round}/{rounds}");
-        let base_stats = closed_loop(&http, trivial.clone(), concurrency, seconds).await;
+        let base_stats = closed_loop(&trivial_conns, trivial.clone(), concurrency, seconds).await;
         base_stats.print("trivial axum endpoint (closed loop)");
-        let (api_stats, cpu) = with_cpu(api_pid, closed_loop(&http, signed.clone(), concurrency, seconds)).await;
+        let (api_stats, cpu) = with_cpu(api_pid, closed_loop(&api_conns, signed.clone(), concurrency, seconds)).await;
         api_stats.print("POST /v1/notifications (closed loop)");
         println!("  {cpu}");
         let before = server_side(&http, &base).await;
-        let (half, cpu) = with_cpu(api_pid, open_loop(&http, signed.clone(), api_stats.rate() / 2.0, seconds, concurrency)).await;
+        let (half, cpu) = with_cpu(api_pid, open_loop(&api_conns, signed.clone(), api_stats.rate() / 2.0, seconds, concurrency)).await;
         half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
         let after = server_side(&http, &base).await;
         let (fast, all) = (after.0 - before.0, after.1 - before.1);
@@ -360,7 +416,7 @@ async fn main() {
         println!("  {cpu}");
         // Control: the trivial endpoint at the same open-loop rate. Its tail is what this
         // machine and client give any server at that rate (stalls it shares are not herald's).
-        let control = open_loop(&http, trivial.clone(), api_stats.rate() / 2.0, seconds, concurrency).await;
+        let control = open_loop(&trivial_conns, trivial.clone(), api_stats.rate() / 2.0, seconds, concurrency).await;
         control.print(&format!("trivial endpoint @ {:.0}/s (control)", api_stats.rate() / 2.0));
         control_p99s.push(control.p99.as_secs_f64() * 1e3);
         // Second control: Kafka alone. The API's producer settings, records of a request's
