@@ -44,8 +44,12 @@ impl<V: Clone + Send + Sync + 'static> Refreshing<V> {
                 if !slot.refreshing.swap(true, Ordering::AcqRel) {
                     let (cache, key, stale) = (self.cache.clone(), key.to_string(), slot.clone());
                     tokio::spawn(async move {
+                        let started = Instant::now();
                         match load().await {
-                            Ok(value) => cache.insert(key, Arc::new(Slot { value, loaded: Instant::now(), refreshing: AtomicBool::new(false) })).await,
+                            Ok(value) => {
+                                cache.insert(key.clone(), Arc::new(Slot { value, loaded: Instant::now(), refreshing: AtomicBool::new(false) })).await;
+                                tracing::debug!(key, took_ms = started.elapsed().as_millis() as u64, "cache entry refreshed");
+                            }
                             Err(e) => {
                                 tracing::warn!(key, error = %e, "cache refresh failed; serving the stale entry");
                                 stale.refreshing.store(false, Ordering::Release);
