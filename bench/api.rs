@@ -58,9 +58,21 @@ fn kafka_pid() -> Option<u32> {
     String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
 }
 
-/// CPU cores used by the API, this process (clients + trivial server) and the broker
-/// during `f`.
-async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, String) {
+/// CPU cores used by the API, this process (clients + trivial server) and the broker.
+struct Cores {
+    api: f64,
+    bench: f64,
+    kafka: f64,
+}
+
+impl std::fmt::Display for Cores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpu cores: api {:.2}, bench {:.2}, kafka {:.2}", self.api, self.bench, self.kafka)
+    }
+}
+
+/// The cores each used during `f`.
+async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, Cores) {
     let me = std::process::id();
     let broker = kafka_pid();
     let before = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
@@ -68,19 +80,8 @@ async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, S
     let out = f.await;
     let secs = started.elapsed().as_secs_f64();
     let after = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
-    let cores = format!(
-        "cpu cores: api {:.2}, bench {:.2}, kafka {:.2}",
-        (after.0 - before.0) / secs,
-        (after.1 - before.1) / secs,
-        (after.2 - before.2) / secs
-    );
+    let cores = Cores { api: (after.0 - before.0) / secs, bench: (after.1 - before.1) / secs, kafka: (after.2 - before.2) / secs };
     (out, cores)
-}
-
-/// The API's CPU microseconds per request, from [`with_cpu`]'s line and the request rate.
-fn api_cpu_per_request(cpu_line: &str, rate: f64) -> f64 {
-    let cores: f64 = cpu_line.split("api ").nth(1).and_then(|r| r.split(',').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    cores / rate.max(1.0) * 1e6
 }
 
 fn free_port() -> u16 {
@@ -88,7 +89,6 @@ fn free_port() -> u16 {
 }
 
 /// A request ready to send: target address, path, body, extra headers.
-#[derive(Clone)]
 struct Prepared {
     addr: std::net::SocketAddr,
     path: &'static str,
@@ -415,7 +415,7 @@ async fn main() {
         base_stats.print("trivial axum endpoint (closed loop)");
         let (api_stats, cpu) = with_cpu(api_pid, closed_loop(&api_conns, signed.clone(), concurrency, seconds)).await;
         api_stats.print("POST /v1/notifications (closed loop)");
-        println!("  {cpu}; API CPU per request {:.0} µs", api_cpu_per_request(&cpu, api_stats.rate()));
+        println!("  {cpu}; API CPU per request {:.0} µs", cpu.api / api_stats.rate().max(1.0) * 1e6);
         let before = server_side(&http, &base).await;
         let (half, cpu) = with_cpu(api_pid, open_loop(&api_conns, signed.clone(), api_stats.rate() / 2.0, seconds, concurrency)).await;
         half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
