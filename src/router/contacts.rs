@@ -77,8 +77,7 @@ impl Contacts {
         for u in &missing {
             let (contact, prefs) = match found.remove(*u) {
                 Some(rows) => {
-                    let prefs: Prefs = rows.preferences.into_iter().map(|p| ((p.channel, p.category), p.opt_in)).collect();
-                    (Arc::new(Some(Contact { user: rows.user, devices: rows.devices, health: rows.health })), Arc::new(prefs))
+                    (Arc::new(Some(Contact { user: rows.user, devices: rows.devices, health: rows.health })), Arc::new(prefs_of(rows.preferences)))
                 }
                 None => (Arc::new(None), Arc::new(Prefs::new())),
             };
@@ -113,8 +112,7 @@ impl Contacts {
         let store = &self.store;
         self.prefs
             .try_get_with(user_id.to_string(), async {
-                let rows = store.preferences(user_id).await?;
-                Ok(Arc::new(rows.into_iter().map(|p| ((p.channel, p.category), p.opt_in)).collect()))
+                Ok(Arc::new(prefs_of(store.preferences(user_id).await?)))
             })
             .await
             .map_err(unshare)
@@ -150,6 +148,11 @@ impl Contacts {
     pub fn entries(&self) -> u64 {
         self.users.entry_count() + self.prefs.entry_count() + self.templates.entry_count()
     }
+}
+
+/// A user's preference rows as (channel, category) → opt-in.
+fn prefs_of(rows: Vec<crate::store::Preference>) -> Prefs {
+    rows.into_iter().map(|p| ((p.channel, p.category), p.opt_in)).collect()
 }
 
 fn cache<V: Clone + Send + Sync + 'static>(max_entries: u64, ttl: Duration) -> Cache<String, V> {
