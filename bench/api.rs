@@ -26,6 +26,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "procs.rs"]
+mod procs;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,20 +46,6 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// The broker's pid (the JVM running kafka.Kafka), when visible.
-fn kafka_pid() -> Option<u32> {
-    let out = std::process::Command::new("pgrep").args(["-f", "kafka.Kafka"]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
-}
-
 /// CPU cores used by the API, this process (clients + trivial server) and the broker.
 struct Cores {
     api: f64,
@@ -74,12 +62,12 @@ impl std::fmt::Display for Cores {
 /// The cores each used during `f`.
 async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, Cores) {
     let me = std::process::id();
-    let broker = kafka_pid();
-    let before = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
+    let broker = procs::pid_of("kafka.Kafka");
+    let before = (procs::cpu_seconds(api), procs::cpu_seconds(me), broker.map(procs::cpu_seconds).unwrap_or(0.0));
     let started = Instant::now();
     let out = f.await;
     let secs = started.elapsed().as_secs_f64();
-    let after = (cpu_seconds(api), cpu_seconds(me), broker.map(cpu_seconds).unwrap_or(0.0));
+    let after = (procs::cpu_seconds(api), procs::cpu_seconds(me), broker.map(procs::cpu_seconds).unwrap_or(0.0));
     let cores = Cores { api: (after.0 - before.0) / secs, bench: (after.1 - before.1) / secs, kafka: (after.2 - before.2) / secs };
     (out, cores)
 }

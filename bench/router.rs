@@ -4,7 +4,7 @@
 //! scripts/stack up
 //! cargo bench --bench router -- --users 10000 --requests 20000
 //! cargo bench --bench router -- --users 1000000 --requests 20000
-//! cargo bench --bench router -- --users 10000 --requests 20000 --dedup single_writer
+//! cargo bench --bench router -- --users 10000 --requests 20000 --dedup lwt
 //! ```
 //!
 //! 1. An isolated environment (own topics, keyspace) on the real stack; N users preloaded,
@@ -12,18 +12,21 @@
 //! 2. M requests pre-produced (category `bench`: dedup, enrichment, preferences and a
 //!    throttle check all on; 3 deliveries each), users drawn uniformly from the N.
 //! 3. Baseline: a plain rdkafka consume → produce of the same M records (no processing,
-//!    no transactions), timed from first to last record.
-//! 4. A store floor: the same number of dedup claims read and written batch by batch (what
-//!    any router that deduplicates against the CQL store must do at least, and nothing
-//!    else), timed.
+//!    no transactions), timed from first to last record; three runs, the median counts.
+//! 4. A store floor: the same number of dedup claims made batch by batch in the router's
+//!    dedup mode (lightweight transactions, or a read and a write), which any router that
+//!    deduplicates against the CQL store must do at least, and nothing else; timed.
 //! 5. The release `herald router` binary over the same records, timed from its first to its
 //!    last outcome; its peak RSS (VmHWM) read from /proc.
 //!
-//! Prints events/s for each, the router/passthrough ratio (target ≥ 0.5), the router's
-//! share of the dedup floor, and the router's peak RSS.
+//! Prints events/s for each and the CPU time per event of the processes involved (bench,
+//! broker, store; for the router run the router itself), the router/passthrough ratio
+//! (target ≥ 0.5), the router's share of the dedup floor, and the router's peak RSS.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "procs.rs"]
+mod procs;
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use common::env::Env;
 use common::unique;
+
+/// The router's batch size here (`router.batch_max`), also the dedup floor's.
+const BATCH: usize = 4000;
 
 const CONFIG: &str = r#"
 [router]
@@ -65,7 +71,7 @@ fn arg(name: &str, default: usize) -> usize {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let users = arg("--users", 10_000);
-    let mode = std::env::args().skip_while(|a| a != "--dedup").nth(1).unwrap_or_else(|| "lwt".into());
+    let mode = std::env::args().skip_while(|a| a != "--dedup").nth(1).unwrap_or_else(|| "keyed".into());
     let requests = arg("--requests", 20_000);
     println!("router bench: {users} users, {requests} requests, dedup {mode}");
     let env = Env::start_with(&CONFIG.replace("[router]\n", &format!("[router]\ndedup_mode = \"{mode}\"\n")), false).await;
@@ -113,28 +119,81 @@ async fn main() {
     }
     println!("produced {requests} requests in {:.1} s", started.elapsed().as_secs_f64());
 
-    let passthrough = passthrough(&env, &topic, requests).await;
-    println!("passthrough: {requests} records in {:.2} s = {:.0} events/s", passthrough.as_secs_f64(), requests as f64 / passthrough.as_secs_f64());
-    let floor = dedup_floor(&env, requests).await;
+    // CPU per event of each process a phase uses: this bench process, the broker, the store.
+    let stack = [Some(std::process::id()), procs::pid_of("kafka.Kafka"), procs::pid_of("CassandraDaemon")];
+    let per_event = |before: &[f64], after: &[f64]| -> Vec<f64> { before.iter().zip(after).map(|(b, a)| (a - b) * 1e6 / requests as f64).collect() };
+
+    // A passthrough of 20k records takes a fraction of a second, so one run is at the mercy
+    // of the machine's noise: three runs (each its own consumer group), the median counts.
+    let cpu = procs::cpu_of(&stack);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(passthrough(&env, &topic, requests).await);
+    }
+    let pass_cpu: Vec<f64> = per_event(&cpu, &procs::cpu_of(&stack)).iter().map(|us| us / 3.0).collect();
+    let rates: Vec<String> = runs.iter().map(|d| format!("{:.0}", requests as f64 / d.as_secs_f64())).collect();
+    runs.sort();
+    let passthrough = runs[1];
+    println!("passthrough: {requests} records in {:.2} s = {:.0} events/s (median of {} events/s)", passthrough.as_secs_f64(), requests as f64 / passthrough.as_secs_f64(), rates.join(", "));
+    println!("  CPU per event: bench {:.0} µs, kafka {:.0} µs, store {:.0} µs", pass_cpu[0], pass_cpu[1], pass_cpu[2]);
+
+    let cpu = procs::cpu_of(&stack);
+    let floor = dedup_floor(&env, requests, &mode).await;
+    let floor_cpu = per_event(&cpu, &procs::cpu_of(&stack));
+    let floor_kind = if mode == "lwt" { "claimed by lightweight transaction" } else { "read + written" };
     println!(
-        "dedup floor: {requests} claims read + written in {:.2} s = {:.0} events/s ({:.2} of the passthrough)",
+        "dedup floor: {requests} claims {floor_kind} in {:.2} s = {:.0} events/s ({:.2} of the passthrough)",
         floor.as_secs_f64(),
         requests as f64 / floor.as_secs_f64(),
         passthrough.as_secs_f64() / floor.as_secs_f64()
     );
+    println!("  CPU per event: bench {:.0} µs, kafka {:.0} µs, store {:.0} µs", floor_cpu[0], floor_cpu[1], floor_cpu[2]);
 
     env.spawn("router", &["router"]);
     let pid = env.pid("router").expect("router running");
+    let procs_now = [Some(pid), stack[1], stack[2]];
+    let cpu = procs::cpu_of(&procs_now);
     let (elapsed, hwm_kb) = wait_routed(&env, requests, pid).await;
+    let router_cpu = per_event(&cpu, &procs::cpu_of(&procs_now));
     let router_rate = requests as f64 / elapsed.as_secs_f64();
     let pass_rate = requests as f64 / passthrough.as_secs_f64();
     println!("router:      {requests} records in {:.2} s = {router_rate:.0} events/s", elapsed.as_secs_f64());
+    println!("  CPU per event: router {:.0} µs, kafka {:.0} µs, store {:.0} µs (with its start-up)", router_cpu[0], router_cpu[1], router_cpu[2]);
     println!("ratio router/passthrough = {:.3} (target >= 0.5); router/dedup floor = {:.2}", router_rate / pass_rate, router_rate * floor.as_secs_f64() / requests as f64);
     println!("router peak RSS (VmHWM) = {:.1} MiB with {users} users", hwm_kb as f64 / 1024.0);
     // Where a batch's time goes: the router's own per-batch step timings (debug log).
-    let log = env.log("router");
+    let log = plain(&env.log("router"));
     let steps: Vec<&str> = log.lines().filter(|l| l.contains("batch routed") || l.contains("batch committed")).collect();
     println!("last batches (router log):\n{}", steps[steps.len().saturating_sub(6)..].join("\n"));
+}
+
+/// A log without its terminal colour codes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How long the router's first batch took before its outputs went out: the step timings
+/// (`stage_ms`, `prefetch_ms`, `decide_ms`, `flush_ms`) of the first "batch routed" line.
+fn first_batch_ms(log: &str) -> u64 {
+    let log = plain(log);
+    let Some(line) = log.lines().find(|l| l.contains("batch routed")) else { return 0 };
+    ["stage_ms=", "prefetch_ms=", "decide_ms=", "flush_ms="]
+        .iter()
+        .filter_map(|k| line.split(k).nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Retries a store write that timed out (the preload saturates Cassandra on purpose).
@@ -209,30 +268,37 @@ async fn passthrough(env: &Env, topic: &str, n: usize) -> Duration {
     first.unwrap().elapsed()
 }
 
-/// The least store work any router deduplicating against the CQL store does: each event's
-/// claim read (`IN`, 100 ids a request) and written (unlogged batches), batch by batch of
-/// 1000 events as the router takes them, with nothing else. Other event ids than the
-/// router's, so the router's run starts from the same empty claims table.
-async fn dedup_floor(env: &Env, n: usize) -> Duration {
+/// The least store work any router deduplicating against the CQL store does, in the
+/// router's dedup mode, with nothing else, batch by batch of [`BATCH`] events as the
+/// router takes them: `lwt` claims each event id with a lightweight transaction (as the
+/// router's prefetch does); `keyed` (the bench's records are keyed by their user) and
+/// `single_writer` read the claims (`IN`, 100 ids a request) and write the new ones
+/// (unlogged batches). Other event ids than the router's, so the router's run
+/// starts from the same empty claims table.
+async fn dedup_floor(env: &Env, n: usize, mode: &str) -> Duration {
     use herald::store::DedupClaim;
     let ids: Vec<String> = (0..n).map(|i| format!("floor-{i}-{}", unique("e"))).collect();
+    let ttl = Duration::from_secs(3600);
     let started = Instant::now();
-    for (b, chunk) in ids.chunks(1000).enumerate() {
+    for (b, chunk) in ids.chunks(BATCH).enumerate() {
+        let claim = |i: usize| DedupClaim { source_topic: "floor".into(), partition: 0, offset: (b * BATCH + i) as i64 };
         let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        if mode == "lwt" {
+            let claims: Vec<(&str, DedupClaim)> = chunk.iter().enumerate().map(|(i, id)| (*id, claim(i))).collect();
+            env.store.claim_events(&claims, ttl).await.expect("floor: claim events");
+            continue;
+        }
         let found = env.store.claims(&chunk).await.expect("floor: read claims");
-        let claims: Vec<(&str, DedupClaim)> = chunk
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| !found.contains_key(**id))
-            .map(|(i, id)| (*id, DedupClaim { source_topic: "floor".into(), partition: 0, offset: (b * 1000 + i) as i64 }))
-            .collect();
-        env.store.put_claims(&claims, Duration::from_secs(3600)).await.expect("floor: write claims");
+        let claims: Vec<(&str, DedupClaim)> = chunk.iter().enumerate().filter(|(_, id)| !found.contains_key(**id)).map(|(i, id)| (*id, claim(i))).collect();
+        env.store.put_claims(&claims, ttl).await.expect("floor: write claims");
     }
     started.elapsed()
 }
 
 /// Counts the router's outcome records (3 `routed` per request: email, iPhone, Android)
-/// without decoding them; first-to-last by the records' timestamps; then the peak RSS.
+/// without decoding them. The time runs from the router's first fetch to its last outcome:
+/// first-to-last by the records' timestamps, plus what the first batch took before its
+/// outputs went out (its step timings in the router's log). Then the peak RSS.
 async fn wait_routed(env: &Env, n: usize, pid: u32) -> (Duration, u64) {
     let topic = env.topic("outcomes");
     let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "bench-count")
@@ -260,5 +326,6 @@ async fn wait_routed(env: &Env, n: usize, pid: u32) -> (Duration, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    (Duration::from_millis((last - first).max(1) as u64), hwm)
+    let before_first = first_batch_ms(&env.log("router"));
+    (Duration::from_millis((last - first).max(0) as u64 + before_first.max(1)), hwm)
 }

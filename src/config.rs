@@ -281,9 +281,13 @@ pub struct RouterConfig {
     /// How long dedup claims live.
     #[serde(with = "duration")]
     pub dedup_ttl: Duration,
-    /// `lwt`: claims are lightweight transactions (safe even if one event id arrives on two
-    /// partitions). `single_writer`: read-then-write, safe when producers key by user id (as
-    /// the contract says) so one router owns each event id; much cheaper.
+    /// How dedup claims are made. `keyed` (default): a plain read and write for records on
+    /// the requests topic keyed by their own user id (one router holds all of a user's
+    /// records at a time), a lightweight transaction for every other record (trigger
+    /// topics, other keys). `lwt`: a lightweight transaction for every record (safe even
+    /// when one event id arrives on two partitions at once; several times the store's work).
+    /// `single_writer`: a read and a write for every record, trusting every producer to key
+    /// by user id.
     pub dedup_mode: String,
     /// Bounded in-process cache of users, devices, preferences and templates.
     pub cache_max_entries: u64,
@@ -323,7 +327,7 @@ impl Default for RouterConfig {
             concurrency: 64,
             transaction_timeout_ms: 10_000,
             dedup_ttl: Duration::from_secs(7 * 86_400),
-            dedup_mode: "lwt".into(),
+            dedup_mode: "keyed".into(),
             cache_max_entries: 100_000,
             cache_ttl: Duration::from_secs(300),
             default_locale: "en".into(),
@@ -577,8 +581,8 @@ impl Config {
         if r.default_timezone.parse::<chrono_tz::Tz>().is_err() {
             return bad("router.default_timezone is not an IANA time zone");
         }
-        if !matches!(r.dedup_mode.as_str(), "lwt" | "single_writer") {
-            return bad("router.dedup_mode must be 'lwt' or 'single_writer'");
+        if !matches!(r.dedup_mode.as_str(), "keyed" | "lwt" | "single_writer") {
+            return bad("router.dedup_mode must be 'keyed', 'lwt' or 'single_writer'");
         }
         if r.batch_max == 0 || r.concurrency == 0 {
             return bad("router.batch_max and router.concurrency must be > 0");

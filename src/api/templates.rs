@@ -74,8 +74,13 @@ pub enum ParamProblem {
 
 const NO_TRACKING: RenderContext<'static> = RenderContext { delivery_id: "", tracking: None };
 
-/// Renders every stored locale of `channels` with `params`, collecting every missing
-/// param (each is filled with a placeholder and the render retried).
+/// Checks that `params` completes every stored locale of `channels`. A channel whose
+/// contents read only names `params` carries passes on that alone
+/// ([`CompiledTemplate::covers`]: no render, the common case). Otherwise every locale is
+/// rendered with `params`, collecting every missing param (each is filled with a
+/// placeholder and the render retried), so a name only a guarded branch reads is not
+/// required. What only values can break (a filter refusing a value) is not checked here:
+/// the router renders each delivery and records `template_error` for it.
 pub fn check_params(t: &LoadedTemplate, channels: &[String], params: &HashMap<String, String>) -> Result<(), ParamProblem> {
     let compiled = t.compiled.as_ref().map_err(|e| ParamProblem::Broken(e.clone()))?;
     let mut missing = BTreeSet::new();
@@ -83,6 +88,9 @@ pub fn check_params(t: &LoadedTemplate, channels: &[String], params: &HashMap<St
         let locales: Vec<&str> = t.contents.iter().filter(|c| c.channel.eq_ignore_ascii_case(ch)).map(|c| c.locale.as_str()).collect();
         if locales.is_empty() {
             return Err(ParamProblem::NoContent(ch.clone()));
+        }
+        if compiled.covers(ch, params) {
+            continue;
         }
         for l in locales {
             let mut p: Option<HashMap<String, String>> = None;
@@ -420,5 +428,15 @@ mod tests {
             Err(ParamProblem::Missing(vec!["d".into(), "subject_param".into()]))
         );
         assert_eq!(check_params(&t, &["push".into()], &p(&[])), Err(ParamProblem::NoContent("push".into())));
+    }
+
+    #[test]
+    fn names_only_a_guarded_branch_reads_are_not_required() {
+        let t = loaded(vec![content("sms", "en", "Hi{% if name is defined %} {{ name }}{% endif %}{% for i in range(2) %}.{% endfor %}")]);
+        let p = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
+        // Neither set covers the names (`range` is a global), so these are decided by rendering.
+        assert!(!t.compiled.as_ref().unwrap().covers("sms", &p(&[("name", "Ann")])));
+        assert_eq!(check_params(&t, &["sms".into()], &p(&[])), Ok(()));
+        assert_eq!(check_params(&t, &["sms".into()], &p(&[("name", "Ann")])), Ok(()));
     }
 }

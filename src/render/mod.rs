@@ -95,6 +95,9 @@ struct Variant {
     normalized: String,
     /// (field, engine template name); `data.<key>` for push data.
     fields: Vec<(String, String)>,
+    /// The top-level names its fields read from outside (params; also engine globals such
+    /// as `range` when used). Names a field binds itself (`set`, loop variables) are not here.
+    refers: HashSet<String>,
 }
 
 /// A template with every content compiled, ready to render many times.
@@ -163,7 +166,7 @@ impl CompiledTemplate {
                     (field, name)
                 })
                 .collect();
-            variants.push(Variant { channel, locale: c.locale.clone(), normalized, fields });
+            variants.push(Variant { channel, locale: c.locale.clone(), normalized, fields, refers: HashSet::new() });
         }
         variants.sort_by(|a, b| (&a.channel, &a.normalized).cmp(&(&b.channel, &b.normalized)));
 
@@ -173,6 +176,13 @@ impl CompiledTemplate {
         env.set_auto_escape_callback(move |name| if html.contains(name) { AutoEscape::Html } else { AutoEscape::None });
         for (at, name, source) in sources {
             env.add_template_owned(name, source).map_err(|e| RenderError::Syntax { at, detail: describe(&e) })?;
+        }
+        for v in &mut variants {
+            for (_, name) in &v.fields {
+                if let Ok(t) = env.get_template(name) {
+                    v.refers.extend(t.undeclared_variables(false));
+                }
+            }
         }
         Ok(CompiledTemplate { template_id: meta.template_id.clone(), tracking: meta.tracking, env, variants })
     }
@@ -222,6 +232,16 @@ impl CompiledTemplate {
             content.html = Some(links::track(html, ctx.delivery_id, t));
         }
         Ok(Rendered { content, locale: variant.locale.clone() })
+    }
+
+    /// Whether `params` carries every name that some content of `channel` (any locale)
+    /// reads, so that no render of the channel can fail for a missing param; a check of
+    /// the names only, no render. `false` when the channel has no content, or when a
+    /// content reads an engine global (`range`, …) or a name only a guarded branch needs:
+    /// then only rendering tells.
+    pub fn covers(&self, channel: &str, params: &HashMap<String, String>) -> bool {
+        let mut of_channel = self.variants.iter().filter(|v| v.channel.eq_ignore_ascii_case(channel)).peekable();
+        of_channel.peek().is_some() && of_channel.all(|v| v.refers.iter().all(|name| params.contains_key(name)))
     }
 
     fn render_field(

@@ -187,3 +187,18 @@ fn compiles_once_and_renders_the_same_every_time() {
     assert_eq!(first.content.html.as_deref(), Some("<b>Ada &amp; Bob</b>"));
     assert_eq!(render(&t, "sms", &["en"], &p).unwrap().content.body.as_deref(), Some("Ada & Bob"));
 }
+
+#[test]
+fn covers_means_every_name_read_is_given() {
+    let t = CompiledTemplate::compile(&meta(false), &[sms("en", "Hi {{ name }}{% set n = name %}{{ n }}"), sms("de", "Hallo {{ name }}, {{ code }}")]).unwrap();
+    assert!(t.covers("sms", &params(&[("name", "A"), ("code", "1")])));
+    assert!(t.covers("SMS", &params(&[("name", "A"), ("code", "1"), ("extra", "x")])));
+    // The German content also reads `code`; a name bound by `set` is not a param.
+    assert!(!t.covers("sms", &params(&[("name", "A")])));
+    assert!(!t.covers("email", &params(&[("name", "A"), ("code", "1")])), "no email content");
+    for p in [params(&[("name", "A"), ("code", "1")]), params(&[("name", "A")])] {
+        let covered = t.covers("sms", &p);
+        let renders = ["en", "de"].iter().all(|l| t.render("sms", &[l], &p, &NO_TRACKING).is_ok());
+        assert!(!covered || renders, "covered but a render failed: {p:?}");
+    }
+}

@@ -140,7 +140,7 @@ struct Ready {
 /// other's claims and throttle hits).
 #[derive(Default)]
 struct BatchState {
-    /// event id → who claimed it (LWT mode: after claiming; single-writer mode: existing).
+    /// event id → who claimed it (claimed by transaction: after claiming; by read: existing).
     owners: HashMap<String, DedupClaim>,
     /// Records (by claimant) that already went through in this batch.
     passed: HashSet<DedupClaim>,
@@ -236,7 +236,8 @@ impl Router {
     /// cache (one bulk read for the users it lacks), and the throttle hits of every throttled
     /// user × channel × category.
     async fn prefetch(&self, ready: &[(&Source<'_>, &Ready)]) -> Result<BatchState, StageError> {
-        let mut first_claimant: Vec<(&str, DedupClaim)> = Vec::new();
+        // First sight of each event id in the batch, by how it is claimed.
+        let (mut transact, mut read): (Vec<(&str, DedupClaim)>, Vec<&str>) = (Vec::new(), Vec::new());
         let mut seen = HashSet::new();
         let mut users = Vec::new();
         let mut seen_users = HashSet::new();
@@ -250,7 +251,10 @@ impl Router {
                 continue;
             }
             if seen.insert(r.req.event_id.as_str()) {
-                first_claimant.push((r.req.event_id.as_str(), r.claimant.clone()));
+                match policy::claim_by(&self.cfg.dedup_mode, src.msg.topic(), &self.topics.requests, src.msg.key(), &r.req.user_id) {
+                    policy::ClaimBy::Transaction => transact.push((r.req.event_id.as_str(), r.claimant.clone())),
+                    policy::ClaimBy::ReadWrite => read.push(r.req.event_id.as_str()),
+                }
             }
             let policy = &self.cfg.categories[&r.req.category];
             if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
@@ -262,13 +266,12 @@ impl Router {
             }
         }
         let ttl = self.cfg.dedup_ttl;
+        // Transactions return each id's owner (this record, or the one before it); reads return
+        // the existing claims only, and `decide` writes a claim for the ids without one.
         let owners = async {
-            if self.cfg.dedup_mode == "single_writer" {
-                let ids: Vec<&str> = first_claimant.iter().map(|(id, _)| *id).collect();
-                self.store.claims(&ids).await
-            } else {
-                self.store.claim_events(&first_claimant, ttl).await
-            }
+            let (mut owners, existing) = tokio::try_join!(self.store.claim_events(&transact, ttl), self.store.claims(&read))?;
+            owners.extend(existing);
+            Ok::<_, crate::store::StoreError>(owners)
         };
         let contacts = self.contacts.load_many(&users);
         let hits = futures::future::try_join_all(throttled.iter().map(|((ch, cat), users)| async move {
@@ -329,7 +332,7 @@ impl Router {
         if !src.released {
             let me = &ready.claimant;
             let owner = st.owners.entry(req.event_id.clone()).or_insert_with(|| {
-                // Single-writer mode, first sight: this record claims the id.
+                // Claimed by read, no claim yet: this record claims the id.
                 writes.claims.push((req.event_id.clone(), me.clone()));
                 me.clone()
             });

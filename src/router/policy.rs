@@ -159,6 +159,31 @@ pub fn outcome_id(source: &str, event_id: &str, status: &str, channel: Option<&s
     hex::encode(&h.finalize()[..16])
 }
 
+/// How an event id's dedup claim is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimBy {
+    /// A plain read, then a plain write: enough when only one router can hold any record of
+    /// the event id at a time.
+    ReadWrite,
+    /// A lightweight transaction (`IF NOT EXISTS`): the first claimant wins even when two
+    /// routers claim at once.
+    Transaction,
+}
+
+/// How `router.dedup_mode` claims a record's event id. `keyed`: a record on the requests
+/// topic keyed by its own user id lands on the partition every record of that user lands
+/// on, and a partition has one router at a time (the consumer group; a stale owner's
+/// transaction is fenced, and it would claim for the same record), so a read and a write
+/// suffice; anything else (trigger topics, other keys, no key) might meet a record of the
+/// same id on another partition at the same moment, so it takes a transaction.
+pub fn claim_by(mode: &str, topic: &str, requests_topic: &str, key: Option<&[u8]>, user_id: &str) -> ClaimBy {
+    match mode {
+        "single_writer" => ClaimBy::ReadWrite,
+        "keyed" if topic == requests_topic && key == Some(user_id.as_bytes()) => ClaimBy::ReadWrite,
+        _ => ClaimBy::Transaction,
+    }
+}
+
 /// What a throttle limit says about one more send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Throttle {
@@ -188,6 +213,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn only_records_keyed_by_their_user_on_the_requests_topic_skip_the_transaction() {
+        let by = |mode, topic, key: Option<&str>| claim_by(mode, topic, "requests", key.map(str::as_bytes), "u1");
+        assert_eq!(by("keyed", "requests", Some("u1")), ClaimBy::ReadWrite);
+        assert_eq!(by("keyed", "requests", Some("u2")), ClaimBy::Transaction, "another user's key");
+        assert_eq!(by("keyed", "requests", None), ClaimBy::Transaction, "no key");
+        assert_eq!(by("keyed", "orders.shipped", Some("u1")), ClaimBy::Transaction, "a trigger topic");
+        assert_eq!(by("lwt", "requests", Some("u1")), ClaimBy::Transaction);
+        assert_eq!(by("single_writer", "orders.shipped", None), ClaimBy::ReadWrite);
+    }
 
     fn policy(opt_in_default: bool, opt_out_allowed: bool) -> CategoryConfig {
         CategoryConfig {

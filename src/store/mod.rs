@@ -568,7 +568,7 @@ impl Store {
 
     /// The existing claims of `event_ids` (absent ids are missing from the map): the read
     /// half of the claim when one writer owns each event id at a time
-    /// (`router.dedup_mode = single_writer`; see [`Store::put_claims`]).
+    /// (`router.dedup_mode` `keyed` or `single_writer`; see [`Store::put_claims`]).
     pub async fn claims(&self, event_ids: &[&str]) -> Result<HashMap<String, DedupClaim>, StoreError> {
         let chunks: Vec<&[&str]> = event_ids.chunks(IN_CHUNK).collect();
         let found = bounded(&chunks, |ids| async move {

@@ -122,7 +122,9 @@ impl Env {
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        // Benches compare builds with HERALD_BENCH_BIN (another `herald` binary); tests never set it.
+        let bin = std::env::var_os("HERALD_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_herald").into());
+        let child = Command::new(bin)
             .args(args)
             .env("HERALD_CONFIG", &self.config_path)
             .env("RUST_LOG", "info,scylla=warn,herald=debug")
