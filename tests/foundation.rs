@@ -209,21 +209,25 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
     assert_eq!(found["sw-0"], claim(1, 9));
     assert!(!found.contains_key("sw-1"));
 
-    // Throttle hits: written per user × channel × category, read for many users at once.
+    // Throttle hits: written per user × channel × category, read per category for many
+    // users and every channel at once.
     let at = chrono::Utc::now();
-    let hit = |u: &str, e: &str| NewThrottleHit {
+    let hit = |u: &str, ch: &str, cat: &str, e: &str| NewThrottleHit {
         user_id: u.into(),
-        channel: "email".into(),
-        category: "promo".into(),
+        channel: ch.into(),
+        category: cat.into(),
         hit: ThrottleHit { event_id: e.into(), at },
         window: Duration::from_secs(3600),
     };
-    store.put_throttle_hits(&[hit("t1", "a"), hit("t1", "b"), hit("t2", "c")]).await.unwrap();
-    let hits = store.throttle_hits("email", "promo", &["t1", "t2", "t3"]).await.unwrap();
-    assert_eq!(hits["t1"].len(), 2);
-    assert_eq!(hits["t2"][0].event_id, "c");
-    assert!(!hits.contains_key("t3"));
-    assert!(store.throttle_hits("sms", "promo", &["t1"]).await.unwrap().is_empty(), "per channel");
+    let written = [hit("t1", "email", "promo", "a"), hit("t2", "email", "promo", "c"), hit("t1", "push", "promo", "a"), hit("t1", "email", "promo", "b"), hit("t1", "email", "news", "d")];
+    store.put_throttle_hits(&written).await.unwrap();
+    let hits = store.throttle_hits("promo", &["t1", "t2", "t3"]).await.unwrap();
+    let key = |u: &str, ch: &str| (u.to_string(), ch.to_string());
+    assert_eq!(hits[&key("t1", "email")].len(), 2);
+    assert_eq!(hits[&key("t1", "push")].iter().map(|h| h.event_id.as_str()).collect::<Vec<_>>(), ["a"], "per channel");
+    assert_eq!(hits[&key("t2", "email")][0].event_id, "c");
+    assert_eq!(hits.len(), 3, "nothing for t3, nothing from another category: {hits:?}");
+    assert_eq!(store.throttle_hits("news", &["t1"]).await.unwrap()[&key("t1", "email")][0].event_id, "d");
 
     let outcome = DeliveryOutcome {
         outcome_id: "o1".into(),

@@ -241,7 +241,8 @@ impl Router {
         let mut seen = HashSet::new();
         let mut users = Vec::new();
         let mut seen_users = HashSet::new();
-        let mut throttled: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+        // Category → the users whose limits in it the batch checks (one partition each).
+        let mut throttled: HashMap<&str, Vec<&str>> = HashMap::new();
         let mut seen_keys = HashSet::new();
         for (src, r) in ready {
             if seen_users.insert(r.req.user_id.as_str()) {
@@ -257,12 +258,8 @@ impl Router {
                 }
             }
             let policy = &self.cfg.categories[&r.req.category];
-            if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
-                for ch in &r.channels {
-                    if seen_keys.insert((r.req.user_id.as_str(), ch.as_str(), r.req.category.as_str())) {
-                        throttled.entry((ch.as_str(), r.req.category.as_str())).or_default().push(r.req.user_id.as_str());
-                    }
-                }
+            if policy.throttle_limit.is_some() && policy.throttle_window.is_some() && seen_keys.insert((r.req.user_id.as_str(), r.req.category.as_str())) {
+                throttled.entry(r.req.category.as_str()).or_default().push(r.req.user_id.as_str());
             }
         }
         let ttl = self.cfg.dedup_ttl;
@@ -274,9 +271,9 @@ impl Router {
             Ok::<_, crate::store::StoreError>(owners)
         };
         let contacts = self.contacts.load_many(&users);
-        let hits = futures::future::try_join_all(throttled.iter().map(|((ch, cat), users)| async move {
-            let found = self.store.throttle_hits(ch, cat, users).await?;
-            Ok::<_, crate::store::StoreError>(found.into_iter().map(|(u, h)| ((u, ch.to_string(), cat.to_string()), h)).collect::<Vec<_>>())
+        let hits = futures::future::try_join_all(throttled.iter().map(|(cat, users)| async move {
+            let found = self.store.throttle_hits(cat, users).await?;
+            Ok::<_, crate::store::StoreError>(found.into_iter().map(|((u, ch), h)| ((u, ch, cat.to_string()), h)).collect::<Vec<_>>())
         }));
         let (owners, contacts, hits) = tokio::try_join!(owners, contacts, hits).map_err(StageError::classify)?;
         Ok(BatchState { owners, contacts, hits: hits.into_iter().flatten().collect(), passed: HashSet::new() })

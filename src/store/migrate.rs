@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "006_log_source",
         cql: include_str!("../../cql/006_log_source.cql"),
     },
+    Migration {
+        version: 7,
+        name: "007_throttle_by_user",
+        cql: include_str!("../../cql/007_throttle_by_user.cql"),
+    },
 ];
 
 impl Migration {

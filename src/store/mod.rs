@@ -410,8 +410,8 @@ impl Store {
             preferences_in: p("SELECT user_id, channel, category, opt_in FROM preferences WHERE user_id IN ?").await?,
             put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source FROM notification_log WHERE event_id = ?").await?,
-            throttle_hits_of_users: p("SELECT user_id, event_id, at FROM throttle_hits WHERE user_id IN ? AND channel = ? AND category = ?").await?,
-            put_throttle_hit: p("INSERT INTO throttle_hits (user_id, channel, category, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
+            throttle_hits_of_users: p("SELECT user_id, channel, event_id, at FROM throttle_hits_by_user WHERE user_id IN ? AND category = ?").await?,
+            put_throttle_hit: p("INSERT INTO throttle_hits_by_user (user_id, category, channel, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
             get_sent: p("SELECT state, provider, provider_message_id, attempt, latency_ms FROM sent_log WHERE delivery_id = ?").await?,
             put_sent: p("INSERT INTO sent_log (delivery_id, state, provider, provider_message_id, attempt, latency_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
             deactivate_device: p(&format!("UPDATE {ks}.devices SET active = false, updated_at = toTimestamp(now()) WHERE user_id = ? AND device_id = ?")).await?,
@@ -725,26 +725,30 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// The throttle hits of `users` for one channel × category: user → (event id, when).
-    /// Users without hits are missing from the map.
-    pub async fn throttle_hits(&self, channel: &str, category: &str, users: &[&str]) -> Result<HashMap<String, Vec<ThrottleHit>>, StoreError> {
+    /// The throttle hits of `users` in one category, every channel: (user, channel) → (event
+    /// id, when); one partition per user. Pairs without hits are missing from the map.
+    pub async fn throttle_hits(&self, category: &str, users: &[&str]) -> Result<HashMap<(String, String), Vec<ThrottleHit>>, StoreError> {
         let chunks: Vec<&[&str]> = users.chunks(IN_CHUNK).collect();
         let found = bounded(&chunks, |ids| async move {
-            self.rows::<(String, String, chrono::DateTime<chrono::Utc>), _>(&self.throttle_hits_of_users, (ids, channel, category), "throttle hits").await
+            self.rows::<(String, String, String, chrono::DateTime<chrono::Utc>), _>(&self.throttle_hits_of_users, (ids, category), "throttle hits").await
         })
         .await?;
-        let mut by_user: HashMap<String, Vec<ThrottleHit>> = HashMap::new();
-        for (user, event_id, at) in found.into_iter().flatten() {
-            by_user.entry(user).or_default().push(ThrottleHit { event_id, at });
+        let mut by_user: HashMap<(String, String), Vec<ThrottleHit>> = HashMap::new();
+        for (user, channel, event_id, at) in found.into_iter().flatten() {
+            by_user.entry((user, channel)).or_default().push(ThrottleHit { event_id, at });
         }
         Ok(by_user)
     }
 
-    /// Records admitted sends against their limits; each row lives for its window.
+    /// Records admitted sends against their limits; each row lives for its window. Sorted by
+    /// partition (user × category), so a user's hits on several channels travel in one batch
+    /// and land as one mutation.
     pub async fn put_throttle_hits(&self, hits: &[NewThrottleHit]) -> Result<(), StoreError> {
-        let rows: Vec<_> = hits
-            .iter()
-            .map(|h| (&h.user_id, &h.channel, &h.category, &h.hit.event_id, h.hit.at, h.window.as_secs().clamp(1, i32::MAX as u64) as i32))
+        let mut sorted: Vec<&NewThrottleHit> = hits.iter().collect();
+        sorted.sort_by(|a, b| (&a.user_id, &a.category).cmp(&(&b.user_id, &b.category)));
+        let rows: Vec<_> = sorted
+            .into_iter()
+            .map(|h| (&h.user_id, &h.category, &h.channel, &h.hit.event_id, h.hit.at, h.window.as_secs().clamp(1, i32::MAX as u64) as i32))
             .collect();
         self.write_rows(&self.put_throttle_hit, rows, "throttle hits").await
     }
