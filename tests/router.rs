@@ -81,6 +81,9 @@ async fn router_paths() {
         trigger_mapping_turns_an_upstream_event_into_deliveries(&env),
         contact_changes_reach_the_cache(&env),
     );
+    // The binary turns transparent huge pages off for itself (see `no_transparent_huge_pages`).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", env.pid("router").unwrap())).unwrap();
+    assert!(status.lines().any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])), "{status}");
     // The role's Prometheus endpoint: outcomes by channel/provider/outcome, and queue depth.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
