@@ -231,10 +231,10 @@ impl Router {
         Ok(Staged::Ready(Ready { req, template, channels, claimant: src.claimant() }))
     }
 
-    /// Reads what the batch's records need from the store, concurrently: dedup claims (or,
-    /// with lightweight transactions, makes them), contacts and preferences through the
-    /// cache (one bulk read for the users it lacks), and the throttle hits of every throttled
-    /// user × channel × category.
+    /// Reads what the batch's records need from the store, concurrently: dedup claims (read,
+    /// or made by lightweight transaction; see [`policy::claim_by`]), contacts and
+    /// preferences through the cache (one bulk read for the users it lacks), and the
+    /// throttle hits of every throttled user × category (all its channels in one partition).
     async fn prefetch(&self, ready: &[(&Source<'_>, &Ready)]) -> Result<BatchState, StageError> {
         // First sight of each event id in the batch, by how it is claimed.
         let (mut transact, mut read): (Vec<(&str, DedupClaim)>, Vec<&str>) = (Vec::new(), Vec::new());
