@@ -16,8 +16,8 @@
 //! 4. A store floor: the same number of dedup claims made batch by batch in the router's
 //!    dedup mode (lightweight transactions, or a read and a write), which any router that
 //!    deduplicates against the CQL store must do at least, and nothing else; timed.
-//! 5. The release `herald router` binary over the same records, timed from its first to its
-//!    last outcome; its peak RSS (VmHWM) read from /proc.
+//! 5. The release `herald router` binary over the same records, timed from its first fetch
+//!    to its last outcome; its peak RSS (VmHWM) read from /proc.
 //!
 //! Prints events/s for each and the CPU time per event of the processes involved (bench,
 //! broker, store; for the router run the router itself), the router/passthrough ratio
