@@ -43,9 +43,9 @@ use common::unique;
 /// The router's batch size here (`router.batch_max`), also the dedup floor's.
 const BATCH: usize = 4000;
 
+/// The router's config here; `batch_max` ([`BATCH`]) and `dedup_mode` are added per run.
 const CONFIG: &str = r#"
 [router]
-batch_max = 4000
 batch_wait_ms = 20
 concurrency = 128
 cache_max_entries = 50000
@@ -74,7 +74,7 @@ async fn main() {
     let mode = std::env::args().skip_while(|a| a != "--dedup").nth(1).unwrap_or_else(|| "keyed".into());
     let requests = arg("--requests", 20_000);
     println!("router bench: {users} users, {requests} requests, dedup {mode}");
-    let env = Env::start_with(&CONFIG.replace("[router]\n", &format!("[router]\ndedup_mode = \"{mode}\"\n")), false).await;
+    let env = Env::start_with(&CONFIG.replace("[router]\n", &format!("[router]\nbatch_max = {BATCH}\ndedup_mode = \"{mode}\"\n")), false).await;
 
     let started = Instant::now();
     futures::stream::iter(0..users)
