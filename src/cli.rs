@@ -196,7 +196,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("replay: {} record(s) skipped by the filters", report.skipped);
         }
         Command::Api => crate::api::run(&config, &topology, shutdown_on_signal()).await?,
-        Command::Apps { action } => apps_cmd(&config, action).await?,
+        Command::Apps { action } => apps_cmd(&config, &topology, action).await?,
         Command::Demo { events } => crate::demo::run(&config, &topology, events).await?,
         Command::Config => println!("{config:#?}"),
         Command::Sandbox { listen } => {
@@ -226,7 +226,7 @@ pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
     token
 }
 
-async fn apps_cmd(config: &Config, action: AppsAction) -> anyhow::Result<()> {
+async fn apps_cmd(config: &Config, topology: &Topology, action: AppsAction) -> anyhow::Result<()> {
     use crate::api::apps;
     let key = config.api.encryption_key_bytes().map_err(anyhow::Error::msg)?;
     let secrets = apps::SecretBox::new(&key);
@@ -262,14 +262,29 @@ async fn apps_cmd(config: &Config, action: AppsAction) -> anyhow::Result<()> {
         }
         AppsAction::Rotate { key, json } => {
             let c = apps::rotate(&api_store, &secrets, &key, config.api.rotation_grace).await?;
+            announce_app_change(config, topology, &key).await?;
             print_creds(&c, json);
         }
         AppsAction::Revoke { key } => {
             apps::revoke(&api_store, &key).await?;
-            println!("revoked {key} (API processes stop accepting it within {})", crate::config::duration::format(&config.api.app_cache_ttl));
+            announce_app_change(config, topology, &key).await?;
+            println!("revoked {key} (running API processes drop it now)");
         }
     }
     Ok(())
+}
+
+/// Tells every API process that app `key` changed (they drop their cached copy). When
+/// Kafka cannot be reached the change is still stored and applies within
+/// `api.app_cache_ttl`; the error says so.
+async fn announce_app_change(config: &Config, topology: &Topology, key: &str) -> anyhow::Result<()> {
+    let producer = crate::kafka::producer(&config.kafka, "apps")?;
+    crate::changes::publish(&producer, topology.name("changes")?, "app", key).await.with_context(|| {
+        format!(
+            "the change to app {key} is stored, but API processes could not be told at once; they apply it within api.app_cache_ttl ({})",
+            crate::config::duration::format(&config.api.app_cache_ttl)
+        )
+    })
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

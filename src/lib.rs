@@ -13,6 +13,8 @@
 //! - [`codec`]: Confluent-framed Avro encode/decode against the registry; says what is poison.
 //! - [`topology`]: the declared topics (`topology/topics.toml`) and `apply`/`plan` through
 //!   the Kafka admin API.
+//! - [`changes`]: the compacted changes topic: `kind:id` keys published on every contact,
+//!   template or app change and followed by every process that caches them.
 //! - [`kafka`]: client configuration, the idempotent producer, reachability checks.
 //! - [`store`]: the CQL store (Scylla/Cassandra): session, prepared statements, migrations.
 //! - [`render`]: templates compiled once (minijinja, strict params) and rendered per
@@ -35,6 +37,7 @@
 //! - [`demo`]: the end-to-end demo behind README's first command.
 
 pub mod api;
+pub mod changes;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -128,7 +128,10 @@ impl Api {
 listen = "127.0.0.1:{port}"
 public_base_url = "http://127.0.0.1:{port}"
 max_body_bytes = 16384
-app_cache_ttl = "1s"
+# Long cache lifetimes: rotations and revocations by `herald apps` (another process) must
+# reach the API through the changes topic, not by expiry.
+app_cache_ttl = "1h"
+template_cache_ttl = "1h"
 twilio_auth_token = "tw-test-token"
 sendgrid_public_key = "{pk}"
 mandrill_webhook_key = "md-test-key"
@@ -394,13 +397,13 @@ async fn rotation_and_revocation(api: &Api) {
     let v: Value = serde_json::from_str(&api.apps(&["rotate", &c.key, "--json"])).unwrap();
     let rotated = Client { secret: v["secret"].as_str().unwrap().into(), ..c.clone() };
     assert_ne!(rotated.secret, c.secret);
-    settle(&c).await;
+    until_status(&rotated, StatusCode::OK).await;
     assert_eq!(rotated.call("GET", "/v1/templates", None).await.status, StatusCode::OK, "new secret works");
     assert_eq!(c.call("GET", "/v1/templates", None).await.status, StatusCode::OK, "old secret works during the grace period");
     let listed = api.apps(&["list"]);
     assert!(listed.contains(&c.key) && !listed.contains(&c.secret) && !listed.contains(&rotated.secret));
     api.apps(&["revoke", &c.key]);
-    settle(&c).await;
+    until_status(&rotated, StatusCode::UNAUTHORIZED).await;
     let a = rotated.call("GET", "/v1/templates", None).await;
     assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "invalid_signature"));
     // Stored encrypted: neither secret is in the table.
@@ -412,10 +415,18 @@ async fn rotation_and_revocation(api: &Api) {
 
 /// Waits out the app cache TTL (1 s here): the first call after it is still answered from
 /// the stale entry while the refresh runs; shortly after, the refreshed one is in use.
-async fn settle(c: &Client) {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let _ = c.call("GET", "/v1/templates", None).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+/// Waits (at most 10 s, far below the hour the caches keep an app) until `c`'s calls answer
+/// `status`: the change has reached the API through the changes topic.
+async fn until_status(c: &Client, status: StatusCode) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = c.call("GET", "/v1/templates", None).await.status;
+        if got == status {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {got}, not {status}, 10 s after the change");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn scopes_and_categories(api: &Api) {

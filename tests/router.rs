@@ -325,7 +325,7 @@ async fn template_error_goes_to_the_dlq(env: &Env) {
 /// onto the requests topic. Exactly one must match.
 async fn template_changed_then_replay_one(env: &Env, template: &str, reason: &str) {
     let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
-    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "template", template).await.unwrap();
+    herald::changes::publish(&changes, &env.topic("changes"), "template", template).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["replay", "--reason", reason, "--source", "requests"])
@@ -410,7 +410,7 @@ async fn contact_changes_reach_the_cache(env: &Env) {
     // The user is now cached; they add a phone, and the change is announced.
     env.user(&user, true, true, &[], None).await;
     let changes = herald::kafka::producer(&env.config.kafka, "test").unwrap();
-    herald::router::contacts::publish_change(&changes, &env.topic("changes"), "user", &user).await.unwrap();
+    herald::changes::publish(&changes, &env.topic("changes"), "user", &user).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut req = request(&user, "billing", "bill_due", &[("amount", "1")]);
     req.channels = Some(vec!["sms".into()]);

@@ -1,6 +1,8 @@
 //! Apps: who may call the API, with which scopes. Secrets are generated here, shown once,
 //! stored AES-256-GCM encrypted ([`SecretBox`]) and cached decrypted in the API process
-//! for `api.app_cache_ttl` (so a revocation takes effect within that time).
+//! ([`Apps`]). A rotation or revocation is announced on the changes topic (`app:<key>`),
+//! which every API process follows, so it takes effect at once; `api.app_cache_ttl` bounds
+//! it should an announcement be missed.
 //!
 //! `herald apps create | list | rotate | revoke` are thin shells over [`create`],
 //! [`list`], [`rotate`] and [`revoke`].
@@ -112,8 +114,10 @@ impl App {
     }
 }
 
-/// Cached, decrypted lookup of apps by key (refreshed in the background every
-/// `api.app_cache_ttl`, so revocations and rotations apply within about that time).
+/// Cached, decrypted lookup of apps by key. `herald apps rotate | revoke` announce the
+/// change on the changes topic and every API process drops its copy at once; the cache is
+/// also refreshed in the background every `api.app_cache_ttl`, the bound should a change
+/// be missed.
 pub struct Apps {
     store: Arc<ApiStore>,
     secrets: SecretBox,
@@ -134,6 +138,11 @@ impl Apps {
                 async move { Ok(store.app(&k).await?.and_then(|r| App::from_row(r, &secrets)).map(Arc::new)) }
             })
             .await
+    }
+
+    /// Drops the cached copy of `key` (the next request reads the store).
+    pub async fn invalidate(&self, key: &str) {
+        self.cache.invalidate(key).await;
     }
 }
 
@@ -260,7 +269,7 @@ pub async fn rotate(store: &ApiStore, secrets: &SecretBox, key: &str, grace: Dur
     Ok(Credentials { key: key.to_string(), secret: Secret::new(secret) })
 }
 
-/// Revokes an app for good (API processes notice within `api.app_cache_ttl`).
+/// Revokes an app for good (the caller announces it on the changes topic).
 pub async fn revoke(store: &ApiStore, key: &str) -> Result<(), AppError> {
     store.app(key).await?.ok_or_else(|| AppError::Unknown(key.to_string()))?;
     store.revoke_app(key).await?;

@@ -43,10 +43,13 @@ pub struct ApiConfig {
     /// may carry its own rate (`herald apps create --rate-limit`). 0 = unlimited.
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
-    /// How long a looked-up app (and a revocation) stays cached in each API process.
+    /// How long a looked-up app stays cached in each API process before it is re-read.
+    /// Rotations and revocations reach every API process at once through the changes
+    /// topic; this bounds one whose announcement was missed.
     #[serde(with = "duration")]
     pub app_cache_ttl: Duration,
-    /// How long a template stays cached for request validation.
+    /// How long a template stays cached for request validation before it is re-read (new
+    /// versions arrive through the changes topic; this is the bound should one be missed).
     #[serde(with = "duration")]
     pub template_cache_ttl: Duration,
     /// After `herald apps rotate`, the previous secret stays valid this long.
@@ -89,8 +92,8 @@ impl Default for ApiConfig {
             max_batch: 1000,
             rate_limit_per_second: 200,
             rate_limit_burst: 400,
-            app_cache_ttl: Duration::from_secs(10),
-            template_cache_ttl: Duration::from_secs(5),
+            app_cache_ttl: Duration::from_secs(300),
+            template_cache_ttl: Duration::from_secs(300),
             rotation_grace: Duration::from_secs(86_400),
             idempotency_ttl: Duration::from_secs(86_400),
             producer_linger_ms: 1,

@@ -134,9 +134,20 @@ impl ApiState {
 
     /// Announces a contact or template change to the routers' caches (waits for the ack).
     pub async fn publish_change(&self, kind: &str, id: &str) -> Result<(), ApiError> {
-        crate::router::contacts::publish_change(&self.producer, &self.topics.changes, kind, id).await?;
+        crate::changes::publish(&self.producer, &self.topics.changes, kind, id).await?;
         events::produced("api", &self.topics.changes, 1);
         Ok(())
+    }
+}
+
+/// Changes announced by other API processes and `herald apps`: templates and apps.
+impl crate::changes::Invalidate for ApiState {
+    async fn invalidate(&self, kind: &str, id: &str) {
+        match kind {
+            "template" => self.templates.invalidate(id).await,
+            "app" => self.apps.invalidate(id).await,
+            _ => {}
+        }
     }
 }
 
@@ -146,13 +157,21 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
         tracing::warn!("api.encryption_key is the development key; set HERALD__API__ENCRYPTION_KEY in production");
     }
     let state = Arc::new(ApiState::open(config, topology).await?);
+    // Cached templates and apps are dropped when the changes topic says they changed.
+    let follower = tokio::spawn({
+        let (k, topic, state, stop) = (config.kafka.clone(), state.topics.changes.clone(), state.clone(), shutdown.clone());
+        async move { crate::changes::follow(&k, &topic, "api-changes", state, stop).await }
+    });
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.with_context(|| format!("binding api.listen {}", config.api.listen))?;
     tracing::info!(listen = %config.api.listen, "herald api listening");
     // No Nagle: an answer goes out when written, not when the client's ACK comes back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    follower.await.context("changes follower")?.context("following the changes topic")?;
+    served?;
     Ok(())
 }
 

@@ -32,8 +32,9 @@ pub struct LoadedTemplate {
     pub compiled: Result<CompiledTemplate, String>,
 }
 
-/// Read-through cache of live templates (refreshed in the background every
-/// `api.template_cache_ttl`; this process's own writes invalidate at once).
+/// Read-through cache of live templates: this process's own writes invalidate at once,
+/// other API processes' writes through the changes topic, and entries are refreshed in
+/// the background every `api.template_cache_ttl` should an announcement be missed.
 pub struct TemplateCache {
     store: Arc<Store>,
     cache: super::cache::Refreshing<Arc<Option<LoadedTemplate>>>,

@@ -25,6 +25,8 @@ pub enum BusError {
     },
     #[error("Kafka client configuration rejected: {0}")]
     Config(String),
+    #[error("Kafka topic {0} has no partitions: does it exist (herald setup)?")]
+    NoPartitions(String),
     #[error("Kafka {op} failed: {source}")]
     Op {
         op: &'static str,
@@ -38,6 +40,8 @@ impl Classify for BusError {
         match self {
             BusError::Unreachable { .. } => true,
             BusError::Config(_) => false,
+            // Topics appear when `herald setup` (or `topology apply`) runs.
+            BusError::NoPartitions(_) => true,
             BusError::Op { source, .. } => match source.rdkafka_error_code() {
                 Some(code) => !matches!(
                     code,

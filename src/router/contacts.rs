@@ -1,5 +1,5 @@
 //! The router's bounded read-through cache of users, devices, preferences and templates,
-//! invalidated by following the compacted changes topic (`user:<id>`, `template:<id>`).
+//! invalidated through the changes topic ([`crate::changes`]: `user:<id>`, `template:<id>`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,13 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaConfig;
-use crate::kafka::{self, BusError};
+use crate::changes::Invalidate;
 use crate::render::CompiledTemplate;
 use crate::store::{ContactHealth, Device, Store, StoreError, Template, User};
 
@@ -131,19 +126,6 @@ impl Contacts {
             .map_err(unshare)
     }
 
-    /// Applies one change-topic key.
-    pub async fn invalidate(&self, key: &str) {
-        self.invalidations.fetch_add(1, Ordering::SeqCst);
-        match key.split_once(':') {
-            Some(("user" | "devices" | "preferences", id)) => {
-                self.users.invalidate(id).await;
-                self.prefs.invalidate(id).await;
-            }
-            Some(("template", id)) => self.templates.invalidate(id).await,
-            _ => tracing::debug!(key, "ignoring unknown change key"),
-        }
-    }
-
     /// Cached entries across all caches (for the memory benchmark).
     pub fn entries(&self) -> u64 {
         self.users.entry_count() + self.prefs.entry_count() + self.templates.entry_count()
@@ -159,56 +141,24 @@ fn cache<V: Clone + Send + Sync + 'static>(max_entries: u64, ttl: Duration) -> C
     Cache::builder().max_capacity(max_entries).time_to_live(ttl).build()
 }
 
+impl Invalidate for Contacts {
+    async fn invalidate(&self, kind: &str, id: &str) {
+        match kind {
+            "user" | "devices" | "preferences" => {
+                self.invalidations.fetch_add(1, Ordering::SeqCst);
+                self.users.invalidate(id).await;
+                self.prefs.invalidate(id).await;
+            }
+            "template" => {
+                self.invalidations.fetch_add(1, Ordering::SeqCst);
+                self.templates.invalidate(id).await;
+            }
+            _ => {}
+        }
+    }
+}
+
 fn unshare(e: Arc<StoreError>) -> StoreError {
     Arc::try_unwrap(e).unwrap_or_else(|e| StoreError::Query { op: "cache load", detail: e.to_string(), retryable: true })
 }
 
-/// Announces that `kind:id` changed (kinds: user, devices, preferences, template), so every
-/// router drops its cached copy. Waits for Kafka's acknowledgement.
-pub async fn publish_change(producer: &FutureProducer, topic: &str, kind: &str, id: &str) -> Result<(), BusError> {
-    let key = format!("{kind}:{id}");
-    let value = serde_json::json!({ "kind": kind, "id": id, "at": crate::model::now_ms() }).to_string();
-    producer
-        .send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(10))
-        .await
-        .map_err(|(source, _)| BusError::Op { op: "publish change", source })?;
-    Ok(())
-}
-
-/// Follows the changes topic from its end on every partition (each router needs every
-/// change; no consumer group) and invalidates cache entries until `shutdown`.
-pub async fn follow_changes(
-    cfg: &KafkaConfig,
-    topic: &str,
-    contacts: Arc<Contacts>,
-    shutdown: CancellationToken,
-) -> Result<(), BusError> {
-    let consumer: StreamConsumer = kafka::client_config(cfg, "router-changes")
-        .set("group.id", format!("{}-router-changes-{}", cfg.group_prefix, uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))?;
-    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), cfg.request_timeout()))
-        .map_err(|source| BusError::Op { op: "changes metadata", source })?;
-    let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::End)
-                .map_err(|source| BusError::Op { op: "changes assign", source })?;
-        }
-    }
-    consumer.assign(&tpl).map_err(|source| BusError::Op { op: "changes assign", source })?;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            m = consumer.recv() => match m {
-                Ok(m) => {
-                    if let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                        contacts.invalidate(key).await;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "changes topic read failed"),
-            }
-        }
-    }
-}

@@ -659,7 +659,7 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     let delay = settings("router-delay", vec![router.topics.delay.clone()]);
     let follower = tokio::spawn({
         let (k, topic, contacts, stop) = (k.clone(), router.topics.changes.clone(), router.contacts.clone(), shutdown.clone());
-        async move { contacts::follow_changes(&k, &topic, contacts, stop).await }
+        async move { crate::changes::follow(&k, &topic, "router-changes", contacts, stop).await }
     });
     let requests = Requests(router.clone());
     let released = Released(router.clone());
