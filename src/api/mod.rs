@@ -132,7 +132,8 @@ impl ApiState {
         })
     }
 
-    /// Announces a contact or template change to the routers' caches (waits for the ack).
+    /// Announces a contact or template change to the routers' and API processes' caches
+    /// (waits for the ack).
     pub async fn publish_change(&self, kind: &str, id: &str) -> Result<(), ApiError> {
         crate::changes::publish(&self.producer, &self.topics.changes, kind, id).await?;
         events::produced("api", &self.topics.changes, 1);
@@ -160,7 +161,13 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     // Cached templates and apps are dropped when the changes topic says they changed.
     let follower = tokio::spawn({
         let (k, topic, state, stop) = (config.kafka.clone(), state.topics.changes.clone(), state.clone(), shutdown.clone());
-        async move { crate::changes::follow(&k, &topic, "api-changes", state, stop).await }
+        async move {
+            let followed = crate::changes::follow(&k, &topic, "api-changes", state, stop).await;
+            if let Err(e) = &followed {
+                tracing::error!(error = %e, "not following the changes topic: cached apps and templates now refresh only every app_cache_ttl / template_cache_ttl");
+            }
+            followed
+        }
     });
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.with_context(|| format!("binding api.listen {}", config.api.listen))?;
     tracing::info!(listen = %config.api.listen, "herald api listening");
