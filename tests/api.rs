@@ -114,13 +114,15 @@ fn sendgrid_keys() -> (p256::ecdsa::SigningKey, String) {
 struct Api {
     env: Env,
     base: String,
+    /// A second API process on the same store and topics (another replica).
+    base2: String,
     http: reqwest::Client,
     admin: Client,
 }
 
 impl Api {
     async fn start() -> Api {
-        let port = free_port();
+        let (port, port2) = (free_port(), free_port());
         let (_, pk) = sendgrid_keys();
         let extra = format!(
             r#"
@@ -132,6 +134,8 @@ max_body_bytes = 16384
 # reach the API through the changes topic, not by expiry.
 app_cache_ttl = "1h"
 template_cache_ttl = "1h"
+# Two replicas serve (api and api2): a signature is claimed once across both.
+replay_guard = "shared"
 twilio_auth_token = "tw-test-token"
 sendgrid_public_key = "{pk}"
 mandrill_webhook_key = "md-test-key"
@@ -141,15 +145,20 @@ vonage_signature_method = "sha256"
         );
         let env = Env::start(&extra).await;
         env.spawn("api", &["api"]);
+        let listen2 = format!("127.0.0.1:{port2}");
+        env.spawn_env("api2", &["api"], &[("HERALD__API__LISTEN", listen2.as_str())]);
         env.spawn("router", &["router"]);
         let base = format!("http://127.0.0.1:{port}");
+        let base2 = format!("http://{listen2}");
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while http.get(format!("{base}/healthz")).send().await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
-            assert!(std::time::Instant::now() < deadline, "api did not come up:\n{}", common::env::tail(&env.log("api"), 30));
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        for (role, b) in [("api", &base), ("api2", &base2)] {
+            while http.get(format!("{b}/healthz")).send().await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
+                assert!(std::time::Instant::now() < deadline, "{role} did not come up:\n{}", common::env::tail(&env.log(role), 30));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        let mut api = Api { env, base: base.clone(), http: http.clone(), admin: Client { base, key: String::new(), secret: String::new(), http } };
+        let mut api = Api { env, base: base.clone(), base2, http: http.clone(), admin: Client { base, key: String::new(), secret: String::new(), http } };
         api.admin = api.app(&["--scopes", "admin"]);
         api
     }
@@ -181,6 +190,7 @@ async fn api_paths() {
         batch_sends_one_template_to_many(&api),
         inline_contacts_are_validated_and_stored(&api),
         authentication_errors(&api),
+        a_replay_to_another_replica_is_refused(&api),
         rotation_and_revocation(&api),
         scopes_and_categories(&api),
         validation_errors(&api),
@@ -192,7 +202,7 @@ async fn api_paths() {
         twilio_and_vonage_webhooks(&api),
         sendgrid_and_mandrill_webhooks(&api),
     );
-    let log = api.env.log("api");
+    let log = api.env.log("api") + &api.env.log("api2");
     for secret in [api.admin.secret.as_str(), "tw-test-token", "md-test-key", "vn-test-secret"] {
         assert!(!log.contains(secret), "a secret reached the log");
     }
@@ -387,6 +397,31 @@ async fn authentication_errors(api: &Api) {
     // Signed without a nonce: fine once.
     let a = c.raw("GET", "/v1/templates", vec![], None, now - 7, None, |_| {}).await;
     assert_eq!(a.status, StatusCode::OK);
+    let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("herald_api_auth_failures_total{reason=\"replayed_request\"}"), "{metrics}");
+}
+
+/// `api.replay_guard = "shared"`: a signed request that one API process accepted is refused
+/// by another that never saw it (each process's own cache alone would let it through), so
+/// a captured send cannot be replayed through a second replica.
+async fn a_replay_to_another_replica_is_refused(api: &Api) {
+    let one = &api.admin;
+    let two = Client { base: api.base2.clone(), ..one.clone() };
+    let now = chrono::Utc::now().timestamp();
+    let n = nonce();
+    let first = one.raw("GET", "/v1/templates", vec![], None, now, Some(&n), |_| {}).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let replayed = two.raw("GET", "/v1/templates", vec![], None, now, Some(&n), |_| {}).await;
+    assert_eq!((replayed.status, replayed.code()), (StatusCode::UNAUTHORIZED, "replayed_request"), "{replayed:?}");
+    // A send, replayed the other way round: accepted once, produced once.
+    let user = unique("u");
+    user_with_email(api, one, &user).await;
+    let body = serde_json::to_vec(&bill(&user)).unwrap();
+    let n = nonce();
+    let sent = two.raw("POST", "/v1/notifications", body.clone(), Some("application/json"), now, Some(&n), |_| {}).await;
+    assert_eq!(sent.status, StatusCode::ACCEPTED, "{sent:?}");
+    let again = one.raw("POST", "/v1/notifications", body, Some("application/json"), now, Some(&n), |_| {}).await;
+    assert_eq!((again.status, again.code()), (StatusCode::UNAUTHORIZED, "replayed_request"), "{again:?}");
     let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("herald_api_auth_failures_total{reason=\"replayed_request\"}"), "{metrics}");
 }

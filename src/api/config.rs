@@ -30,6 +30,17 @@ pub struct ApiConfig {
     /// Signatures remembered for replay detection at most (about 40 bytes each); when full,
     /// signed requests are refused (503) until old ones leave the window.
     pub replay_cache_max_entries: u64,
+    /// Where replayed signatures are caught. `process` (default): each API process
+    /// remembers the signatures it accepted, with no store work; enough for one replica,
+    /// or for replicas that a balancer picks by `X-Herald-Key`. `shared`: every signature
+    /// is also claimed in the store by a lightweight transaction (`api_signatures`, kept
+    /// past the timestamp window), so a request replayed to another replica is refused
+    /// too, at one LWT per signed request. Set it when more than one API process serves.
+    pub replay_guard: ReplayGuard,
+    /// How many API processes serve behind one balancer. Each admits `1/replicas` of an
+    /// app's rate and burst, so an app's limit holds across them when the balancer spreads
+    /// requests evenly (rate limits are kept per process, without store work).
+    pub replicas: u32,
     /// Largest accepted request body, in bytes (413 above).
     pub max_body_bytes: usize,
     /// At most this many template params per request, each value at most
@@ -77,6 +88,27 @@ pub struct ApiConfig {
     pub vonage_signature_method: String,
 }
 
+/// `api.replay_guard`: how far a signature's single use is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayGuard {
+    /// In this process only (memory).
+    #[default]
+    Process,
+    /// Across every API process sharing the store (a lightweight transaction per request).
+    Shared,
+}
+
+impl ApiConfig {
+    /// How long a claimed signature must be kept: a request is fresh while its timestamp is
+    /// within the tolerance either side of the clock, so its signature can come back until
+    /// twice the tolerance after it was first seen; a minute more for clocks of replicas
+    /// that differ.
+    pub fn signature_ttl(&self) -> Duration {
+        Duration::from_secs(2 * self.timestamp_tolerance_secs + 60)
+    }
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
@@ -85,6 +117,8 @@ impl Default for ApiConfig {
             encryption_key: Secret::new(DEV_ENCRYPTION_KEY),
             timestamp_tolerance_secs: 300,
             replay_cache_max_entries: 10_000_000,
+            replay_guard: ReplayGuard::Process,
+            replicas: 1,
             max_body_bytes: 256 * 1024,
             max_params: 50,
             max_param_bytes: 2048,
@@ -131,6 +165,9 @@ impl ApiConfig {
         if !matches!(self.vonage_signature_method.as_str(), "md5hash" | "md5" | "sha1" | "sha256" | "sha512") {
             return Err("api.vonage_signature_method must be md5hash, md5, sha1, sha256 or sha512".into());
         }
+        if self.replicas == 0 {
+            return Err("api.replicas must be at least 1".into());
+        }
         if self.max_body_bytes < 1024 || self.max_batch == 0 {
             return Err("api.max_body_bytes must be >= 1024 and api.max_batch > 0".into());
         }
@@ -161,5 +198,21 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("32 bytes"));
         let c = ApiConfig { public_base_url: "http://x/".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().contains("public_base_url"));
+        let c = ApiConfig { replicas: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("replicas"));
+    }
+
+    #[test]
+    fn replay_guard_parses_and_outlives_the_timestamp_window() {
+        #[derive(Deserialize)]
+        struct T {
+            api: ApiConfig,
+        }
+        let t: T = toml::from_str("[api]\nreplay_guard = \"shared\"\nreplicas = 3").unwrap();
+        assert_eq!((t.api.replay_guard, t.api.replicas), (ReplayGuard::Shared, 3));
+        assert!(toml::from_str::<T>("[api]\nreplay_guard = \"cluster\"").is_err());
+        assert_eq!(ApiConfig::default().replay_guard, ReplayGuard::Process);
+        let c = ApiConfig::default();
+        assert!(c.signature_ttl() > Duration::from_secs(2 * c.timestamp_tolerance_secs));
     }
 }

@@ -62,7 +62,7 @@ use crate::telemetry::events;
 use crate::topology::Topology;
 use apps::{App, Apps, SecretBox};
 use auth::{AuthError, ReplayCache, Scope};
-use config::ApiConfig;
+use config::{ApiConfig, ReplayGuard};
 use ratelimit::RateLimiter;
 use store::ApiStore;
 use validate::FieldError;
@@ -101,7 +101,7 @@ impl ApiState {
         let cfg = config.api.clone();
         let key = cfg.encryption_key_bytes().map_err(anyhow::Error::msg)?;
         let store = Arc::new(Store::open(&config.store).await.context("opening the store (did `herald setup` run?)")?);
-        let api_store = Arc::new(ApiStore::prepare(store.session.clone(), &config.store.keyspace).await.context("preparing the API's statements (is migration 005 applied?)")?);
+        let api_store = Arc::new(ApiStore::prepare(store.session.clone(), &config.store.keyspace).await.context("preparing the API's statements (did `herald setup` run every migration?)")?);
         let producer = crate::kafka::client_config(&config.kafka, "api")
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -113,7 +113,7 @@ impl ApiState {
         Ok(ApiState {
             apps: Apps::new(api_store.clone(), SecretBox::new(&key), cfg.app_cache_ttl),
             replay: ReplayCache::new(Duration::from_secs(cfg.timestamp_tolerance_secs), cfg.replay_cache_max_entries),
-            limiter: RateLimiter::new(cfg.rate_limit_per_second, cfg.rate_limit_burst),
+            limiter: RateLimiter::new(cfg.rate_limit_per_second, cfg.rate_limit_burst, cfg.replicas),
             templates: templates::TemplateCache::new(store.clone(), cfg.template_cache_ttl),
             categories: config.router.categories.clone(),
             tracking_secret: config.router.tracking_secret.expose().as_bytes().to_vec(),
@@ -308,6 +308,10 @@ async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next)
             tracing::warn!("replay cache full; refusing signed requests until old entries expire");
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; retry later"));
         }
+    }
+    // Another replica may have accepted this signature: the store decides (fails closed).
+    if st.cfg.replay_guard == ReplayGuard::Shared && !st.api_store.claim_signature(&app.key, &h.signature, st.cfg.signature_ttl()).await? {
+        return Err(refuse(AuthError::Replayed));
     }
     if let Err(wait) = st.limiter.admit(&app.key, app.rate_limit) {
         events::api_rate_limited();

@@ -65,11 +65,12 @@ pub struct ApiStore {
     versions_of: PreparedStatement,
     create_template: PreparedStatement,
     advance_template: PreparedStatement,
+    claim_signature: PreparedStatement,
     ping: PreparedStatement,
 }
 
 impl ApiStore {
-    /// Prepares the statements against `keyspace` (migrated to 005) on `session`.
+    /// Prepares the statements against `keyspace` (migrated to 008) on `session`.
     pub async fn prepare(session: Arc<Session>, ks: &str) -> Result<ApiStore, StoreError> {
         let p = |q: String, idempotent: bool| {
             let session = session.clone();
@@ -95,6 +96,7 @@ impl ApiStore {
             versions_of: p(format!("SELECT version, created_at, created_by FROM {ks}.template_versions WHERE template_id = ?"), true).await?,
             create_template: p(format!("INSERT INTO {ks}.templates (template_id, category, current_version, default_channels, tracking, {t}, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS"), false).await?,
             advance_template: p(format!("UPDATE {ks}.templates SET category = ?, current_version = ?, default_channels = ?, tracking = ?, {t} = ?, updated_at = toTimestamp(now()) WHERE template_id = ? IF current_version < ?"), false).await?,
+            claim_signature: p(format!("INSERT INTO {ks}.api_signatures (app_key, signature, claimed_at) VALUES (?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?"), false).await?,
             ping: p("SELECT release_version FROM system.local".to_string(), true).await?,
             session,
         })
@@ -192,6 +194,14 @@ impl ApiStore {
     pub async fn claim_version(&self, template_id: &str, version: i32, by: &str) -> Result<bool, StoreError> {
         let r = self.session.execute_unpaged(&self.claim_version, (template_id, version, by)).await.map_err(|e| query_err("claim template version", e))?;
         lwt_applied(r, "claim template version")
+    }
+
+    /// Claims a request signature of `app_key` for `ttl` (`api.replay_guard = "shared"`);
+    /// `false` when some API process claimed it before: a replay.
+    pub async fn claim_signature(&self, app_key: &str, signature: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX);
+        let r = self.session.execute_unpaged(&self.claim_signature, (app_key, signature, ttl)).await.map_err(|e| query_err("claim signature", e))?;
+        lwt_applied(r, "claim signature")
     }
 
     /// Claimed versions of a template, newest first: (version, created_at, created_by).

@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "007_throttle_by_user",
         cql: include_str!("../../cql/007_throttle_by_user.cql"),
     },
+    Migration {
+        version: 8,
+        name: "008_api_signatures",
+        cql: include_str!("../../cql/008_api_signatures.cql"),
+    },
 ];
 
 impl Migration {
