@@ -46,30 +46,36 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// CPU cores used by the API, this process (clients + trivial server) and the broker.
+/// The value after `name` on the command line, or `default`.
+fn arg_str(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+/// CPU cores used by the API, this process (clients + trivial server), the broker and the
+/// store.
 struct Cores {
     api: f64,
     bench: f64,
     kafka: f64,
+    store: f64,
 }
 
 impl std::fmt::Display for Cores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cpu cores: api {:.2}, bench {:.2}, kafka {:.2}", self.api, self.bench, self.kafka)
+        write!(f, "cpu cores: api {:.2}, bench {:.2}, kafka {:.2}, store {:.2}", self.api, self.bench, self.kafka, self.store)
     }
 }
 
 /// The cores each used during `f`.
 async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, Cores) {
-    let me = std::process::id();
-    let broker = procs::pid_of("kafka.Kafka");
-    let before = (procs::cpu_seconds(api), procs::cpu_seconds(me), broker.map(procs::cpu_seconds).unwrap_or(0.0));
+    let pids = [Some(api), Some(std::process::id()), procs::pid_of("kafka.Kafka"), procs::pid_of("CassandraDaemon")];
+    let before = procs::cpu_of(&pids);
     let started = Instant::now();
     let out = f.await;
     let secs = started.elapsed().as_secs_f64();
-    let after = (procs::cpu_seconds(api), procs::cpu_seconds(me), broker.map(procs::cpu_seconds).unwrap_or(0.0));
-    let cores = Cores { api: (after.0 - before.0) / secs, bench: (after.1 - before.1) / secs, kafka: (after.2 - before.2) / secs };
-    (out, cores)
+    let used: Vec<f64> = procs::cpu_of(&pids).iter().zip(&before).map(|(a, b)| (a - b) / secs).collect();
+    (out, Cores { api: used[0], bench: used[1], kafka: used[2], store: used[3] })
 }
 
 fn free_port() -> u16 {
@@ -313,8 +319,10 @@ async fn main() {
     // Enough clients that the API is CPU-bound, not bound by Kafka's acks=all round trip.
     let concurrency = arg("--concurrency", 128);
     let port = free_port();
-    println!("api bench: {concurrency} concurrent clients, {seconds} s per phase");
-    let env = Env::start_with(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\n[telemetry]\nlog_filter = \"warn\"\n"), false).await;
+    // `--replay-guard shared`: every signature also claimed in the store (several replicas).
+    let guard = arg_str("--replay-guard", "process");
+    println!("api bench: {concurrency} concurrent clients, {seconds} s per phase, replay guard {guard}");
+    let env = Env::start_with(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\nreplay_guard = \"{guard}\"\n[telemetry]\nlog_filter = \"warn\"\n"), false).await;
     env.spawn("api", &["api"]);
     let api_pid = env.pid("api").expect("api running");
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();

@@ -191,6 +191,7 @@ async fn api_paths() {
         inline_contacts_are_validated_and_stored(&api),
         authentication_errors(&api),
         a_replay_to_another_replica_is_refused(&api),
+        racing_claims_of_one_signature_accept_at_most_one(&api),
         rotation_and_revocation(&api),
         scopes_and_categories(&api),
         validation_errors(&api),
@@ -424,6 +425,26 @@ async fn a_replay_to_another_replica_is_refused(api: &Api) {
     assert_eq!((again.status, again.code()), (StatusCode::UNAUTHORIZED, "replayed_request"), "{again:?}");
     let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("herald_api_auth_failures_total{reason=\"replayed_request\"}"), "{metrics}");
+}
+
+/// The shared guard's claim against the real store: once accepted, a signature is refused
+/// ever after; of claims racing for one signature at most one is accepted.
+async fn racing_claims_of_one_signature_accept_at_most_one(api: &Api) {
+    let st = herald::api::store::ApiStore::prepare(api.env.store.session.clone(), &api.env.config.store.keyspace).await.unwrap();
+    let ttl = Duration::from_secs(120);
+    let key = unique("hk");
+    assert!(st.claim_signature(&key, "sig-once", ttl).await.unwrap());
+    assert!(!st.claim_signature(&key, "sig-once", ttl).await.unwrap());
+    let mut won = 0;
+    for round in 0..25 {
+        let sig = format!("sig-race-{round}");
+        let answers = futures::future::join_all((0..8).map(|_| st.claim_signature(&key, &sig, ttl))).await;
+        let wins = answers.into_iter().filter(|a| *a.as_ref().unwrap()).count();
+        assert!(wins <= 1, "round {round}: {wins} of 8 racing claims accepted");
+        won += wins;
+        assert!(!st.claim_signature(&key, &sig, ttl).await.unwrap(), "round {round}: a claim after the race was accepted");
+    }
+    println!("racing claims: {won} of 25 races had a winner (the others all refused)");
 }
 
 async fn rotation_and_revocation(api: &Api) {

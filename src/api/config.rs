@@ -33,9 +33,10 @@ pub struct ApiConfig {
     /// Where replayed signatures are caught. `process` (default): each API process
     /// remembers the signatures it accepted, with no store work; enough for one replica,
     /// or for replicas that a balancer picks by `X-Herald-Key`. `shared`: every signature
-    /// is also claimed in the store by a lightweight transaction (`api_signatures`, kept
-    /// past the timestamp window), so a request replayed to another replica is refused
-    /// too, at one LWT per signed request. Set it when more than one API process serves.
+    /// is also claimed in the store (`api_signatures`: a quorum write, then a quorum read
+    /// of the signature's claims; kept past the timestamp window), so a request replayed
+    /// to another replica is refused too, at a store write and read per signed request.
+    /// Set it when more than one API process serves.
     pub replay_guard: ReplayGuard,
     /// How many API processes serve behind one balancer. Each admits `1/replicas` of an
     /// app's rate and burst, so an app's limit holds across them when the balancer spreads
@@ -95,7 +96,7 @@ pub enum ReplayGuard {
     /// In this process only (memory).
     #[default]
     Process,
-    /// Across every API process sharing the store (a lightweight transaction per request).
+    /// Across every API process sharing the store (a write and a read per request).
     Shared,
 }
 

@@ -65,7 +65,8 @@ pub struct ApiStore {
     versions_of: PreparedStatement,
     create_template: PreparedStatement,
     advance_template: PreparedStatement,
-    claim_signature: PreparedStatement,
+    put_signature: PreparedStatement,
+    signature_claimants: PreparedStatement,
     ping: PreparedStatement,
 }
 
@@ -96,7 +97,8 @@ impl ApiStore {
             versions_of: p(format!("SELECT version, created_at, created_by FROM {ks}.template_versions WHERE template_id = ?"), true).await?,
             create_template: p(format!("INSERT INTO {ks}.templates (template_id, category, current_version, default_channels, tracking, {t}, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS"), false).await?,
             advance_template: p(format!("UPDATE {ks}.templates SET category = ?, current_version = ?, default_channels = ?, tracking = ?, {t} = ?, updated_at = toTimestamp(now()) WHERE template_id = ? IF current_version < ?"), false).await?,
-            claim_signature: p(format!("INSERT INTO {ks}.api_signatures (app_key, signature, claimed_at) VALUES (?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?"), false).await?,
+            put_signature: p(format!("INSERT INTO {ks}.api_signatures (app_key, signature, claimant, claimed_at) VALUES (?, ?, ?, toTimestamp(now())) USING TTL ?"), true).await?,
+            signature_claimants: p(format!("SELECT claimant FROM {ks}.api_signatures WHERE app_key = ? AND signature = ? LIMIT 2"), true).await?,
             ping: p("SELECT release_version FROM system.local".to_string(), true).await?,
             session,
         })
@@ -196,12 +198,18 @@ impl ApiStore {
         lwt_applied(r, "claim template version")
     }
 
-    /// Claims a request signature of `app_key` for `ttl` (`api.replay_guard = "shared"`);
-    /// `false` when some API process claimed it before: a replay.
+    /// Claims a request signature of `app_key` for `ttl` (`api.replay_guard = "shared"`):
+    /// writes a claim of its own, then reads the signature's claims (both at the session's
+    /// LOCAL_QUORUM); `true` only when this claim is the only one. No lightweight
+    /// transaction: of processes racing for one signature at most one sees only its own
+    /// claim (a quorum read sees every quorum write completed before it), and overlapping
+    /// ones all refuse. `false` is a replay, or a race with one.
     pub async fn claim_signature(&self, app_key: &str, signature: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let claimant = uuid::Uuid::new_v4().simple().to_string();
         let ttl = i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX);
-        let r = self.session.execute_unpaged(&self.claim_signature, (app_key, signature, ttl)).await.map_err(|e| query_err("claim signature", e))?;
-        lwt_applied(r, "claim signature")
+        self.session.execute_unpaged(&self.put_signature, (app_key, signature, &claimant, ttl)).await.map_err(|e| query_err("claim signature", e))?;
+        let claims: Vec<(String,)> = self.rows(&self.signature_claimants, (app_key, signature), "read signature claims").await?;
+        Ok(only_claimant(&claims, &claimant))
     }
 
     /// Claimed versions of a template, newest first: (version, created_at, created_by).
@@ -243,6 +251,11 @@ impl ApiStore {
     }
 }
 
+/// Whether `mine` is the one and only claim read back.
+fn only_claimant(claims: &[(String,)], mine: &str) -> bool {
+    matches!(claims, [(c,)] if c == mine)
+}
+
 /// The `[applied]` column of an LWT answer.
 fn lwt_applied(r: scylla::response::query_result::QueryResult, op: &'static str) -> Result<bool, StoreError> {
     let rows = r.into_rows_result().map_err(|e| query_err(op, e))?;
@@ -253,4 +266,18 @@ fn lwt_applied(r: scylla::response::query_result::QueryResult, op: &'static str)
         .and_then(|row| row.columns.into_iter().next().flatten())
         .and_then(|v| v.as_boolean())
         .ok_or_else(|| query_err(op, "LWT answer without [applied]"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_ours_only_when_our_claim_is_alone() {
+        let c = |v: &[&str]| v.iter().map(|s| (s.to_string(),)).collect::<Vec<_>>();
+        assert!(only_claimant(&c(&["a"]), "a"));
+        assert!(!only_claimant(&c(&["b"]), "a"), "someone else's claim alone (ours not yet visible): refuse");
+        assert!(!only_claimant(&c(&["a", "b"]), "a"), "claimed before, or a race: refuse");
+        assert!(!only_claimant(&c(&[]), "a"), "our own write not read back: refuse");
+    }
 }
