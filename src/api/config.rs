@@ -30,13 +30,13 @@ pub struct ApiConfig {
     /// Signatures remembered for replay detection at most (about 40 bytes each); when full,
     /// signed requests are refused (503) until old ones leave the window.
     pub replay_cache_max_entries: u64,
-    /// Where replayed signatures are caught. `process` (default): each API process
-    /// remembers the signatures it accepted, with no store work; enough for one replica,
-    /// or for replicas that a balancer picks by `X-Herald-Key`. `shared`: every signature
-    /// is also claimed in the store (`api_signatures`: a quorum write, then a quorum read
-    /// of the signature's claims; kept past the timestamp window), so a request replayed
-    /// to another replica is refused too, at a store write and read per signed request.
-    /// Set it when more than one API process serves.
+    /// Where replayed signatures are caught. `process`: each API process remembers the
+    /// signatures it accepted, with no store work; enough for one replica, or for replicas
+    /// that a balancer picks by `X-Herald-Key`. `shared`: every signature is also claimed in
+    /// the store (`api_signatures`: a quorum write, then a quorum read of the signature's
+    /// claims; kept past the timestamp window), so a request replayed to another replica is
+    /// refused too, at a store write and read per signed request. `auto` (default):
+    /// `shared` when `replicas` > 1, else `process`.
     pub replay_guard: ReplayGuard,
     /// How many API processes serve behind one balancer. Each admits `1/replicas` of an
     /// app's rate and burst, so an app's limit holds across them when the balancer spreads
@@ -93,8 +93,10 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplayGuard {
-    /// In this process only (memory).
+    /// `Shared` when more than one API process serves (`api.replicas`), else `Process`.
     #[default]
+    Auto,
+    /// In this process only (memory).
     Process,
     /// Across every API process sharing the store (a write and a read per request).
     Shared,
@@ -108,6 +110,15 @@ impl ApiConfig {
     pub fn signature_ttl(&self) -> Duration {
         Duration::from_secs(2 * self.timestamp_tolerance_secs + 60)
     }
+
+    /// The guard in force: `auto` resolved by `replicas`.
+    pub fn replay_guard(&self) -> ReplayGuard {
+        match self.replay_guard {
+            ReplayGuard::Auto if self.replicas > 1 => ReplayGuard::Shared,
+            ReplayGuard::Auto => ReplayGuard::Process,
+            g => g,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -118,7 +129,7 @@ impl Default for ApiConfig {
             encryption_key: Secret::new(DEV_ENCRYPTION_KEY),
             timestamp_tolerance_secs: 300,
             replay_cache_max_entries: 10_000_000,
-            replay_guard: ReplayGuard::Process,
+            replay_guard: ReplayGuard::Auto,
             replicas: 1,
             max_body_bytes: 256 * 1024,
             max_params: 50,
@@ -212,7 +223,11 @@ mod tests {
         let t: T = toml::from_str("[api]\nreplay_guard = \"shared\"\nreplicas = 3").unwrap();
         assert_eq!((t.api.replay_guard, t.api.replicas), (ReplayGuard::Shared, 3));
         assert!(toml::from_str::<T>("[api]\nreplay_guard = \"cluster\"").is_err());
-        assert_eq!(ApiConfig::default().replay_guard, ReplayGuard::Process);
+        assert_eq!(t.api.replay_guard(), ReplayGuard::Shared);
+        // Auto: one process guards itself; several share the store.
+        assert_eq!(ApiConfig::default().replay_guard(), ReplayGuard::Process);
+        assert_eq!(ApiConfig { replicas: 3, ..Default::default() }.replay_guard(), ReplayGuard::Shared);
+        assert_eq!(ApiConfig { replicas: 3, replay_guard: ReplayGuard::Process, ..Default::default() }.replay_guard(), ReplayGuard::Process);
         let c = ApiConfig::default();
         assert!(c.signature_ttl() > Duration::from_secs(2 * c.timestamp_tolerance_secs));
     }

@@ -170,7 +170,7 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
         }
     });
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.with_context(|| format!("binding api.listen {}", config.api.listen))?;
-    tracing::info!(listen = %config.api.listen, "herald api listening");
+    tracing::info!(listen = %config.api.listen, replay_guard = ?config.api.replay_guard(), replicas = config.api.replicas, "herald api listening");
     // No Nagle: an answer goes out when written, not when the client's ACK comes back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
@@ -310,7 +310,7 @@ async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next)
         }
     }
     // Another replica may have accepted this signature: the store decides (fails closed).
-    if st.cfg.replay_guard == ReplayGuard::Shared && !st.api_store.claim_signature(&app.key, &h.signature, st.cfg.signature_ttl()).await? {
+    if st.cfg.replay_guard() == ReplayGuard::Shared && !st.api_store.claim_signature(&app.key, &h.signature, st.cfg.signature_ttl()).await? {
         return Err(refuse(AuthError::Replayed));
     }
     if let Err(wait) = st.limiter.admit(&app.key, app.rate_limit) {
