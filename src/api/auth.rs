@@ -224,9 +224,10 @@ pub fn sign_request(
 /// timestamp in it is outside the window (exact, no eviction under load). Sharded to keep
 /// lock hold times short; entries are 64-bit keyed hashes of (app key, signature).
 ///
-/// In-process: with several API replicas, route by `X-Herald-Key` (or accept that a replay
-/// could land on another replica once). When `max_entries` are held, new requests are
-/// refused (fail closed) until old minutes expire.
+/// In-process: with several API replicas the store's claim decides as well
+/// (`api.replay_guard`, [`super::store::ApiStore::claim_signature`]); this cache still
+/// refuses a replay to the same process without store work. When `max_entries` are held,
+/// new requests are refused (fail closed) until old minutes expire.
 pub struct ReplayCache {
     tolerance: i64,
     max_per_shard: usize,

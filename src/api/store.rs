@@ -203,7 +203,9 @@ impl ApiStore {
     /// LOCAL_QUORUM); `true` only when this claim is the only one. No lightweight
     /// transaction: of processes racing for one signature at most one sees only its own
     /// claim (a quorum read sees every quorum write completed before it), and overlapping
-    /// ones all refuse. `false` is a replay, or a race with one.
+    /// ones all refuse. LOCAL_QUORUM holds this within one data centre: API replicas in
+    /// several data centres need the session at QUORUM. `false` is a replay, or a race with
+    /// one.
     pub async fn claim_signature(&self, app_key: &str, signature: &str, ttl: Duration) -> Result<bool, StoreError> {
         let claimant = uuid::Uuid::new_v4().simple().to_string();
         let ttl = i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX);
