@@ -68,7 +68,7 @@ impl std::fmt::Display for Cores {
 
 /// The cores each used during `f`.
 async fn with_cpu<T>(api: u32, f: impl std::future::Future<Output = T>) -> (T, Cores) {
-    let pids = [Some(api), Some(std::process::id()), procs::pid_of("kafka.Kafka"), procs::pid_of("CassandraDaemon")];
+    let pids = [Some(api), Some(std::process::id()), procs::stack_pid("kafka"), procs::stack_pid("cassandra")];
     let before = procs::cpu_of(&pids);
     let started = Instant::now();
     let out = f.await;

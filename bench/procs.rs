@@ -1,5 +1,6 @@
-//! What the benches read about processes on this machine: CPU time from /proc and the
-//! local stack's JVMs by their main class.
+//! What the benches read about processes on this machine: CPU time from /proc, and the
+//! local stack's JVMs from the stack's own pid files (`$HERALD_STACK_DIR/run/<c>.pid`, as
+//! `scripts/stack` writes them), so a second stack on the machine is never measured.
 
 #![allow(dead_code)] // each bench uses a part
 
@@ -11,11 +12,14 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The first process whose command line contains `pattern` (`kafka.Kafka`,
-/// `CassandraDaemon`), when visible.
-pub fn pid_of(pattern: &str) -> Option<u32> {
-    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+/// The pid of the local stack's `component` (`kafka`, `cassandra`, `registry`) from its
+/// pid file, when it is running.
+pub fn stack_pid(component: &str) -> Option<u32> {
+    // The same defaults as scripts/stack: $HERALD_STACK_DIR, else $HERALD_CACHE/stack.
+    let cache = std::env::var_os("HERALD_CACHE").map(std::path::PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herald")))?;
+    let dir = std::env::var_os("HERALD_STACK_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| cache.join("stack"));
+    let pid: u32 = std::fs::read_to_string(dir.join("run").join(format!("{component}.pid"))).ok()?.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 /// CPU seconds of each of `pids` so far (0 for `None`).

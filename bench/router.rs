@@ -120,7 +120,7 @@ async fn main() {
     println!("produced {requests} requests in {:.1} s", started.elapsed().as_secs_f64());
 
     // CPU per event of each process a phase uses: this bench process, the broker, the store.
-    let stack = [Some(std::process::id()), procs::pid_of("kafka.Kafka"), procs::pid_of("CassandraDaemon")];
+    let stack = [Some(std::process::id()), procs::stack_pid("kafka"), procs::stack_pid("cassandra")];
     let per_event = |before: &[f64], after: &[f64]| -> Vec<f64> { before.iter().zip(after).map(|(b, a)| (a - b) * 1e6 / requests as f64).collect() };
 
     // A passthrough of 20k records takes a fraction of a second, so one run is at the mercy

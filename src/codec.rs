@@ -188,6 +188,7 @@ mod tests {
                 deadline: 1_700_000_600_000,
                 created_at: 1_700_000_000_000,
                 last_error: Some("503".into()),
+                last_provider: Some("twilio".into()),
             },
         );
         roundtrip(

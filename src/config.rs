@@ -407,6 +407,18 @@ pub struct DispatchConfig {
     pub breaker_failures: u32,
     #[serde(with = "duration")]
     pub breaker_open_for: Duration,
+    /// How long a provider that refused herald's credentials stays out of the rotation
+    /// before one probe tries it again.
+    #[serde(with = "duration")]
+    pub breaker_unhealthy_for: Duration,
+    /// The group-commit writer: store writes (sent records, log rows) are written at most
+    /// this long after they were queued (the window in which a SIGKILL can cause a re-send)...
+    pub write_interval_ms: u64,
+    /// ...or as soon as this many are waiting.
+    pub write_max_rows: usize,
+    /// How long a batch waits for its store writes before it is rewound and tried again
+    /// (its sends are remembered: nothing is sent twice); the writer keeps retrying.
+    pub durable_wait_ms: u64,
 }
 
 /// Client-side limits of one provider.
@@ -444,6 +456,10 @@ impl Default for DispatchConfig {
             default_limit: ProviderLimit { concurrency: 500, rate_per_sec: 5_000.0 },
             breaker_failures: 5,
             breaker_open_for: Duration::from_secs(30),
+            breaker_unhealthy_for: Duration::from_secs(60),
+            write_interval_ms: 5,
+            write_max_rows: 400,
+            durable_wait_ms: 10_000,
         }
     }
 }

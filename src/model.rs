@@ -73,6 +73,10 @@ pub struct ChannelDelivery {
     pub deadline: i64,
     pub created_at: i64,
     pub last_error: Option<String>,
+    /// The provider the previous attempt failed at: the next attempt goes to the one after
+    /// it in the route.
+    #[serde(default)]
+    pub last_provider: Option<String>,
 }
 
 /// Deterministic delivery id of (event, channel, address): the end-to-end idempotency key.

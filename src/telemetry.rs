@@ -87,6 +87,12 @@ pub mod events {
     pub const CONSUMER_LAG: &str = "herald_consumer_lag";
     pub const UNCERTAIN_RESENDS: &str = "herald_dispatch_uncertain_resends_total";
     pub const BREAKER_CHANGES: &str = "herald_dispatch_breaker_transitions_total";
+    pub const PROVIDER_CALLS: &str = "herald_dispatch_provider_calls_total";
+    pub const PROVIDER_SECONDS: &str = "herald_dispatch_provider_duration_seconds";
+    pub const PROVIDER_REFUSED: &str = "herald_dispatch_provider_refused_total";
+    pub const DISPATCH_WRITES: &str = "herald_dispatch_store_writes_total";
+    pub const DISPATCH_WRITE_SECONDS: &str = "herald_dispatch_store_write_duration_seconds";
+    pub const WAITING: &str = "herald_waiting";
     pub const API_REQUESTS: &str = "herald_api_requests_total";
     pub const API_REQUEST_SECONDS: &str = "herald_api_request_duration_seconds";
     pub const API_AUTH_FAILURES: &str = "herald_api_auth_failures_total";
@@ -103,8 +109,14 @@ pub mod events {
         describe_histogram!(STAGE_SECONDS, "Time spent per processing stage.");
         describe_counter!(
             UNCERTAIN_RESENDS,
-            "Deliveries found attempted but not recorded as sent (the provider may have accepted them before a crash) and sent again."
+            "Deliveries sent again that a dispatcher which stopped had in flight without a sent record: each may have reached the provider before; an upper bound on duplicate sends."
         );
+        describe_counter!(PROVIDER_CALLS, "Provider requests, by provider and answer class (sent, transient, throttled, auth_failed, ...).");
+        describe_histogram!(PROVIDER_SECONDS, "Provider request duration, by provider.");
+        describe_counter!(PROVIDER_REFUSED, "Answers refusing herald's credentials or account, by provider (the provider is taken out of rotation).");
+        describe_counter!(DISPATCH_WRITES, "Rows the dispatchers' group-commit writer wrote to the store.");
+        describe_histogram!(DISPATCH_WRITE_SECONDS, "Duration of one group-commit write (retries not included).");
+        describe_gauge!(WAITING, "1 while a role is waiting for a dependency (kafka, store) to come back, by role and dependency.");
         describe_gauge!(CONSUMER_LAG, "Records waiting per assigned partition (queue depth), by role, topic and partition.");
         describe_counter!(BREAKER_CHANGES, "Provider circuit breaker transitions, by provider and new state.");
         describe_counter!(API_REQUESTS, "HTTP API answers, by route template and status code.");
@@ -135,7 +147,7 @@ pub mod events {
         counter!(DEAD_LETTERS, "role" => role, "reason" => reason).increment(1);
     }
 
-    /// A delivery was attempted before without a recorded result and is sent again.
+    /// A delivery another dispatcher had in flight without a sent record is sent again.
     pub fn uncertain_resend(channel: &str, provider: &str) {
         counter!(UNCERTAIN_RESENDS, "channel" => channel.to_string(), "provider" => provider.to_string()).increment(1);
     }
@@ -144,6 +156,29 @@ pub mod events {
     pub fn breaker(provider: &'static str, state: &'static str) {
         tracing::warn!(provider, state, "provider circuit breaker changed state");
         counter!(BREAKER_CHANGES, "provider" => provider, "state" => state).increment(1);
+    }
+
+    /// A provider answered (`outcome` is the answer's class).
+    pub fn provider_call(provider: &'static str, outcome: &'static str, seconds: f64) {
+        counter!(PROVIDER_CALLS, "provider" => provider, "outcome" => outcome).increment(1);
+        histogram!(PROVIDER_SECONDS, "provider" => provider).record(seconds);
+    }
+
+    /// A provider refused herald's credentials or account: the alert (error level).
+    pub fn provider_refused(provider: &'static str, reason: &str) {
+        tracing::error!(provider, reason, "provider refused herald's credentials; taking it out of rotation and failing over");
+        counter!(PROVIDER_REFUSED, "provider" => provider).increment(1);
+    }
+
+    /// The dispatchers' writer wrote a group of rows.
+    pub fn dispatch_flush(rows: usize, seconds: f64) {
+        counter!(DISPATCH_WRITES).increment(rows as u64);
+        histogram!(DISPATCH_WRITE_SECONDS).record(seconds);
+    }
+
+    /// A role started (`true`) or stopped (`false`) waiting for `dependency`.
+    pub fn waiting(role: &'static str, dependency: &'static str, waiting: bool) {
+        gauge!(WAITING, "role" => role, "dependency" => dependency).set(if waiting { 1.0 } else { 0.0 });
     }
 
     pub fn consumer_lag(role: &'static str, topic: &str, partition: i32, lag: i64) {

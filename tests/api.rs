@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use herald::api::openapi;
-use herald::store::ProviderMessage;
+use herald::dispatch::store::{CqlDispatchStore, DispatchStore, SentRecord, Write};
 use herald::tracking::{TrackingClaim, TrackingSettings};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
@@ -662,20 +662,20 @@ async fn templates_create_version_list_preview(api: &Api) {
 /// A delivery the dispatcher would have recorded after sending.
 async fn sent(api: &Api, provider: &str, message_id: &str, channel: &str) -> (String, String, String) {
     let (event, delivery, user) = (unique("evt"), unique("dlv"), unique("tu"));
-    api.env
-        .store
-        .put_provider_message(&ProviderMessage {
-            provider: provider.into(),
-            provider_message_id: message_id.into(),
-            delivery_id: delivery.clone(),
-            event_id: event.clone(),
-            user_id: user.clone(),
-            channel: channel.into(),
-            category: "billing".into(),
-            sent_at: herald::model::now_ms(),
-        })
-        .await
-        .unwrap();
+    let store = CqlDispatchStore::prepare(api.env.store.clone(), &api.env.config.store.keyspace).await.unwrap();
+    let record = SentRecord {
+        delivery_id: delivery.clone(),
+        event_id: event.clone(),
+        user_id: user.clone(),
+        channel: channel.into(),
+        category: "billing".into(),
+        provider: provider.into(),
+        provider_message_id: message_id.into(),
+        attempt: 0,
+        latency_ms: Some(12),
+        sent_at: herald::model::now_ms(),
+    };
+    store.write(&[Write::Sent(record)]).await.unwrap();
     (event, delivery, user)
 }
 

@@ -97,10 +97,11 @@ pub struct ApiState {
 
 impl ApiState {
     /// Connects to the store, the registry and Kafka and prepares everything.
-    pub async fn open(config: &Config, topology: &Topology) -> anyhow::Result<ApiState> {
+    /// Connects to the store (waiting while it is unreachable), the registry and Kafka.
+    pub async fn open(config: &Config, topology: &Topology, shutdown: &CancellationToken) -> anyhow::Result<ApiState> {
         let cfg = config.api.clone();
         let key = cfg.encryption_key_bytes().map_err(anyhow::Error::msg)?;
-        let store = Arc::new(Store::open(&config.store).await.context("opening the store (did `herald setup` run?)")?);
+        let store = Arc::new(Store::open_waiting(&config.store, "api", shutdown).await.context("opening the store (did `herald setup` run?)")?);
         let api_store = Arc::new(ApiStore::prepare(store.session.clone(), &config.store.keyspace).await.context("preparing the API's statements (did `herald setup` run every migration?)")?);
         let producer = crate::kafka::client_config(&config.kafka, "api")
             .set("enable.idempotence", "true")
@@ -157,7 +158,7 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     if config.api.uses_dev_key() {
         tracing::warn!("api.encryption_key is the development key; set HERALD__API__ENCRYPTION_KEY in production");
     }
-    let state = Arc::new(ApiState::open(config, topology).await?);
+    let state = Arc::new(ApiState::open(config, topology, &shutdown).await?);
     // Cached templates and apps are dropped when the changes topic says they changed.
     let follower = tokio::spawn({
         let (k, topic, state, stop) = (config.kafka.clone(), state.topics.changes.clone(), state.clone(), shutdown.clone());

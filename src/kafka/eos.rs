@@ -13,6 +13,16 @@
 //!   The delay topic uses this instead of sleeping a worker.
 //! - The transactional id is stable per replica (`<group>-<instance>`), so a restarted
 //!   replica fences its dead predecessor and aborts its open transaction immediately.
+//! - A broker outage is waited out, never a process exit. Consume errors are logged and
+//!   polled past; a retriable `send_offsets` / `commit_transaction` is called again; any
+//!   other transaction error aborts (or, when the producer is in a fatal state or the abort
+//!   fails, replaces the producer and initialises transactions again, which fences the old
+//!   one); then each partition of the batch is sought to its committed offset, read from
+//!   the group coordinator, so a commit whose answer was lost is neither lost nor repeated.
+//!   `init_transactions` is retried until the coordinator answers ("coordinator load in
+//!   progress" at start included). The `herald_waiting{dependency="kafka"}` gauge is 1
+//!   meanwhile. Only a misconfiguration (a client config librdkafka refuses, a fatal
+//!   processor error) stops the stage.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -107,6 +117,9 @@ impl StageError {
 /// A stage's per-batch logic.
 pub trait Processor: Send + Sync {
     fn process(&self, batch: &[OwnedMessage]) -> impl Future<Output = Result<BatchResult, StageError>> + Send;
+
+    /// The transaction carrying `batch`'s outputs and offsets committed.
+    fn committed(&self, _batch: &[OwnedMessage]) {}
 }
 
 /// How a stage consumes and commits.
@@ -190,25 +203,19 @@ pub async fn run<P: Processor>(
     consumer
         .subscribe(&topics)
         .map_err(|source| BusError::Op { op: "subscribe", source })?;
-    let producer: FutureProducer = client_config(cfg, settings.role)
-        .set("transactional.id", &settings.transactional_id)
-        .set("transaction.timeout.ms", settings.transaction_timeout.as_millis().to_string())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))?;
     let timeout = cfg.request_timeout().max(settings.transaction_timeout);
-    blocking(|| producer.init_transactions(timeout)).map_err(|source| BusError::Op { op: "init transactions", source })?;
+    let Some(mut producer) = transactional_producer(cfg, settings, timeout, &shutdown).await? else {
+        return Ok(());
+    };
     tracing::info!(group = %settings.group_id, topics = ?settings.topics, txid = %settings.transactional_id, "stage started");
 
     let mut paused: HashMap<(String, i32), i64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         resume_due(&consumer, &mut paused);
-        let Some(batch) = collect(&consumer, settings, &shutdown, &state, &mut paused).await? else {
-            continue;
+        let batch = match collect(&consumer, settings, &shutdown, &state, &mut paused).await {
+            Some(b) => b,
+            None => continue,
         };
         let result = match processor.process(&batch).await {
             Ok(r) => r,
@@ -222,10 +229,12 @@ pub async fn run<P: Processor>(
             Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
         };
         let committing = std::time::Instant::now();
-        match commit_batch(&consumer, &producer, &batch, &result, timeout).await {
+        match commit_batch(&consumer, &producer, &batch, &result, timeout, &shutdown).await {
             Ok(()) => {
                 tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
+                events::waiting(settings.role, "kafka", false);
                 backoff = Duration::from_millis(100);
+                processor.committed(&batch);
                 // Local only (auto-commit is off): lets librdkafka report lag from them.
                 if let Ok(offsets) = next_offsets(&batch, &result.holds) {
                     let _ = consumer.store_offsets(&offsets);
@@ -238,14 +247,13 @@ pub async fn run<P: Processor>(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "transaction failed; aborting and rewinding");
-                if let Err(abort) = blocking(|| producer.abort_transaction(timeout)) {
-                    return Err(BusError::Op { op: "abort transaction", source: abort });
-                }
-                if matches!(&e, KafkaError::Transaction(t) if t.is_fatal()) {
-                    return Err(BusError::Op { op: "commit transaction", source: e });
-                }
-                rewind(&consumer, &batch);
+                events::waiting(settings.role, "kafka", true);
+                tracing::warn!(error = %e, records = batch.len(), "transaction failed; aborting and reading the batch again from the committed offsets");
+                producer = match recover(producer, &e, cfg, settings, timeout, &shutdown).await? {
+                    Some(p) => p,
+                    None => break, // shut down while waiting for the broker
+                };
+                rewind_to_committed(&consumer, &batch, timeout, &shutdown).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -255,27 +263,152 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
+/// A transactional producer with transactions initialised, retried until the broker's
+/// transaction coordinator answers; `None` if `shutdown` came first.
+async fn transactional_producer(cfg: &KafkaConfig, settings: &StageSettings, timeout: Duration, shutdown: &CancellationToken) -> Result<Option<FutureProducer>, BusError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let producer: FutureProducer = client_config(cfg, settings.role)
+            .set("transactional.id", &settings.transactional_id)
+            .set("transaction.timeout.ms", settings.transaction_timeout.as_millis().to_string())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        loop {
+            match blocking(|| producer.init_transactions(timeout)) {
+                Ok(()) => {
+                    events::waiting(settings.role, "kafka", false);
+                    return Ok(Some(producer));
+                }
+                Err(e) => {
+                    events::waiting(settings.role, "kafka", true);
+                    let fatal = matches!(&e, KafkaError::Transaction(t) if t.is_fatal());
+                    tracing::warn!(error = %e, fatal, ?backoff, "init transactions failed; waiting for the broker");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if fatal {
+                        break; // this producer is done for: a new one
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// After a failed transaction: aborts it, or replaces the producer when the failure is
+/// fatal or the abort does not go through.
+async fn recover(
+    producer: FutureProducer,
+    error: &KafkaError,
+    cfg: &KafkaConfig,
+    settings: &StageSettings,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<FutureProducer>, BusError> {
+    let fatal = matches!(error, KafkaError::Transaction(t) if t.is_fatal());
+    if !fatal {
+        match retrying(|| producer.abort_transaction(timeout), timeout * 2, shutdown).await {
+            Ok(()) => return Ok(Some(producer)),
+            Err(e) => tracing::warn!(error = %e, "abort failed; replacing the producer (initialising transactions fences the old one)"),
+        }
+    }
+    drop(producer);
+    transactional_producer(cfg, settings, timeout, shutdown).await
+}
+
+/// Calls a blocking transaction step again while it fails with a retriable error, for at
+/// most `within` (or until shutdown).
+async fn retrying(mut f: impl FnMut() -> Result<(), KafkaError>, within: Duration, shutdown: &CancellationToken) -> Result<(), KafkaError> {
+    let started = std::time::Instant::now();
+    loop {
+        match blocking(&mut f) {
+            Err(KafkaError::Transaction(t)) if t.is_retriable() && started.elapsed() < within && !shutdown.is_cancelled() => {
+                tracing::debug!(error = %t, "transaction step failed (retriable); calling it again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Seeks every partition of the batch to its committed offset (asking the group
+/// coordinator until it answers): the start of the batch when its transaction did not
+/// commit, past it when it did.
+async fn rewind_to_committed(consumer: &StreamConsumer<StageContext>, batch: &[OwnedMessage], timeout: Duration, shutdown: &CancellationToken) {
+    let mut first: HashMap<(&str, i32), i64> = HashMap::new();
+    for m in batch {
+        let e = first.entry((m.topic(), m.partition())).or_insert(m.offset());
+        *e = (*e).min(m.offset());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in first.keys() {
+        tpl.add_partition(t, *p);
+    }
+    let mut backoff = Duration::from_millis(200);
+    let committed = loop {
+        match blocking(|| consumer.committed_offsets(tpl.clone(), timeout)) {
+            Ok(c) => break c,
+            Err(e) if !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, ?backoff, "cannot read committed offsets; waiting for the broker");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(_) => return,
+        }
+    };
+    for ((t, p), batch_first) in first {
+        let to = match committed.find_partition(t, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            // Nothing committed yet: the batch is the first this group read.
+            _ => batch_first,
+        };
+        if to != batch_first {
+            tracing::info!(topic = t, partition = p, batch_first, committed = to, "the failed transaction had committed; not reading the batch again");
+        }
+        if let Err(e) = consumer.seek(t, p, Offset::Offset(to), Duration::from_secs(5)) {
+            tracing::debug!(topic = t, partition = p, error = %e, "rewind skipped");
+        }
+    }
+}
+
 /// Waits for a first record (or shutdown), then fills the batch for at most `batch_wait`.
 /// Drops records of partitions we hold paused, and the whole batch (rewound) when the
-/// assignment changed meanwhile.
+/// assignment changed meanwhile. A consume error (the broker is away) is logged and the
+/// batch so far kept: librdkafka reconnects by itself.
 async fn collect(
     consumer: &StreamConsumer<StageContext>,
     settings: &StageSettings,
     shutdown: &CancellationToken,
     state: &Mutex<Revocations>,
     paused: &mut HashMap<(String, i32), i64>,
-) -> Result<Option<Vec<OwnedMessage>>, BusError> {
+) -> Option<Vec<OwnedMessage>> {
     let first = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(None),
+        _ = shutdown.cancelled() => return None,
         m = consumer.recv() => m,
-        _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(None),
+        _ = tokio::time::sleep(Duration::from_millis(500)) => return None,
     };
-    let mut batch = vec![first.map_err(|source| BusError::Op { op: "consume", source })?.detach()];
+    let mut batch = match first {
+        Ok(m) => vec![m.detach()],
+        Err(e) => {
+            consume_error(settings, &e);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return None;
+        }
+    };
     let deadline = tokio::time::Instant::now() + settings.batch_wait;
     while batch.len() < settings.batch_max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(m)) => batch.push(m.detach()),
-            Ok(Err(source)) => return Err(BusError::Op { op: "consume", source }),
+            Ok(Err(e)) => {
+                consume_error(settings, &e);
+                break;
+            }
             Err(_) => break,
         }
     }
@@ -289,10 +422,17 @@ async fn collect(
         // batch goes, and each partition still ours is read again from its first record.
         tracing::info!(records = batch.len(), "rebalance while collecting: reading the batch again");
         rewind(consumer, &batch);
-        return Ok(None);
+        return None;
     }
     batch.retain(|m| !paused.contains_key(&(m.topic().to_string(), m.partition())));
-    Ok(if batch.is_empty() { None } else { Some(batch) })
+    if batch.is_empty() { None } else { Some(batch) }
+}
+
+/// A consume error: the broker is away (librdkafka keeps reconnecting) or a record could
+/// not be fetched; logged, the loop goes on.
+fn consume_error(settings: &StageSettings, e: &KafkaError) {
+    events::waiting(settings.role, "kafka", true);
+    tracing::warn!(role = settings.role, error = %e, "consume failed; waiting for the broker");
 }
 
 /// Produces the outputs and commits the offsets, all in one transaction.
@@ -302,6 +442,7 @@ async fn commit_batch(
     batch: &[OwnedMessage],
     result: &BatchResult,
     timeout: Duration,
+    shutdown: &CancellationToken,
 ) -> Result<(), KafkaError> {
     producer.begin_transaction()?;
     for o in &result.outputs {
@@ -334,8 +475,10 @@ async fn commit_batch(
     let metadata = consumer
         .group_metadata()
         .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
-    blocking(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout))?;
-    blocking(|| producer.commit_transaction(timeout))
+    // A retriable error here (the broker is away, a request timed out) leaves the
+    // transaction open: the same call is made again until it goes through or gives up.
+    retrying(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout), timeout * 2, shutdown).await?;
+    retrying(|| producer.commit_transaction(timeout), timeout * 2, shutdown).await
 }
 
 /// Per partition in the batch: the offset to commit (after the last record, or the held one).

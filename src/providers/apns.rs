@@ -185,11 +185,11 @@ pub fn classify(resp: &HttpResponse) -> Classification {
         | "BadPath"
         | "MethodNotAllowed"
         | "PayloadTooLarge"
-        | "InvalidProviderToken"
-        | "MissingProviderToken"
-        | "BadCertificate"
-        | "BadCertificateEnvironment"
         | "Forbidden" => Classification::permanent(why),
+        // Herald's signing key, team or certificate is refused: no push will go through.
+        "InvalidProviderToken" | "MissingProviderToken" | "BadCertificate" | "BadCertificateEnvironment" => {
+            Classification::auth_failed(why)
+        }
         _ => Classification::by_status(resp, why),
     }
 }
@@ -362,10 +362,10 @@ mod tests {
             (405, "MethodNotAllowed", "permanent"),
             (413, "PayloadTooLarge", "permanent"),
             (403, "ExpiredProviderToken", "reauth"),
-            (403, "InvalidProviderToken", "permanent"),
-            (403, "MissingProviderToken", "permanent"),
-            (403, "BadCertificate", "permanent"),
-            (403, "BadCertificateEnvironment", "permanent"),
+            (403, "InvalidProviderToken", "auth_failed"),
+            (403, "MissingProviderToken", "auth_failed"),
+            (403, "BadCertificate", "auth_failed"),
+            (403, "BadCertificateEnvironment", "auth_failed"),
             (403, "Forbidden", "permanent"),
             (429, "TooManyRequests", "throttled"),
             (429, "TooManyProviderTokenUpdates", "throttled"),

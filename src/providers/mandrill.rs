@@ -113,8 +113,9 @@ fn error(resp: &HttpResponse, json: Option<&Value>) -> Classification {
     let why = format!("Mandrill {name}: {message}");
     match name {
         "ServiceUnavailable" | "GeneralError" => Classification::transient(why),
-        "ValidationError" | "Invalid_Key" | "PaymentRequired" | "Unknown_Subaccount"
-        | "Unknown_Template" => Classification::permanent(why),
+        "ValidationError" | "Unknown_Template" => Classification::permanent(why),
+        // The key or the account is refused: nothing goes through until it is fixed.
+        "Invalid_Key" | "PaymentRequired" | "Unknown_Subaccount" => Classification::auth_failed(why),
         // Mandrill answers 500 for every API error, so an unknown name falls to the status.
         _ => Classification::by_status(resp, why),
     }
@@ -239,9 +240,9 @@ mod tests {
         };
         for (name, class) in [
             ("ValidationError", "permanent"),
-            ("Invalid_Key", "permanent"),
-            ("PaymentRequired", "permanent"),
-            ("Unknown_Subaccount", "permanent"),
+            ("Invalid_Key", "auth_failed"),
+            ("PaymentRequired", "auth_failed"),
+            ("Unknown_Subaccount", "auth_failed"),
             ("Unknown_Template", "permanent"),
             ("ServiceUnavailable", "transient"),
             ("GeneralError", "transient"),
@@ -251,7 +252,7 @@ mod tests {
         }
         assert_eq!(
             classify(&err("Invalid_Key")),
-            Classification::permanent("Mandrill Invalid_Key: m")
+            Classification::auth_failed("Mandrill Invalid_Key: m")
         );
         assert_eq!(classify(&resp(503, "<html>")).label(), "transient");
         assert_eq!(classify(&resp(200, "[]")).label(), "permanent");

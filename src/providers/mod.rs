@@ -154,7 +154,9 @@ pub struct HttpConfig {
     pub connect_timeout_ms: u64,
     /// Time for a whole request/response exchange, in milliseconds.
     pub request_timeout_ms: u64,
-    /// Idle connections kept per host (HTTP/1.1); HTTP/2 multiplexes on one.
+    /// Idle connections kept per host (HTTP/1.1; HTTP/2 multiplexes on one). Keep it at
+    /// least the provider's concurrency limit, or connections beyond it are closed after
+    /// each request and opened again under load.
     pub pool_max_idle_per_host: usize,
     /// Extra trusted root certificates (PEM), e.g. a local sandbox's generated CA.
     pub root_ca_file: Option<PathBuf>,
@@ -165,7 +167,7 @@ impl Default for HttpConfig {
         HttpConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
-            pool_max_idle_per_host: 64,
+            pool_max_idle_per_host: 512,
             root_ca_file: None,
         }
     }
@@ -346,6 +348,10 @@ pub enum Classification {
     Permanent { reason: String },
     /// REAUTH: the credential expired; refresh it and retry once.
     Reauth { reason: String },
+    /// The provider refused herald's credentials or account (a wrong or revoked key, a
+    /// barred or exhausted account): nothing was sent and nothing will be until an operator
+    /// fixes it. The dispatcher marks the provider unhealthy, alerts, and fails over.
+    AuthFailed { reason: String },
 }
 
 impl Classification {
@@ -380,6 +386,11 @@ impl Classification {
             reason: reason.into(),
         }
     }
+    fn auth_failed(reason: impl Into<String>) -> Self {
+        Classification::AuthFailed {
+            reason: reason.into(),
+        }
+    }
 
     /// A bounded label for metrics and outcomes.
     pub fn label(&self) -> &'static str {
@@ -390,6 +401,7 @@ impl Classification {
             Classification::Transient { .. } => "transient",
             Classification::Permanent { .. } => "permanent",
             Classification::Reauth { .. } => "reauth",
+            Classification::AuthFailed { .. } => "auth_failed",
         }
     }
 
@@ -401,7 +413,8 @@ impl Classification {
             | Classification::Throttled { reason, .. }
             | Classification::Transient { reason }
             | Classification::Permanent { reason }
-            | Classification::Reauth { reason } => Some(reason),
+            | Classification::Reauth { reason }
+            | Classification::AuthFailed { reason } => Some(reason),
         }
     }
 
@@ -619,6 +632,7 @@ pub(crate) mod tests {
             deadline: NOW_MS + 3_600_000,
             created_at: NOW_MS,
             last_error: None,
+            last_provider: None,
         }
     }
 

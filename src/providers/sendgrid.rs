@@ -105,6 +105,9 @@ pub fn classify(resp: &HttpResponse) -> Classification {
                 .and_then(|v| parse_epoch_reset(v, now));
             Classification::throttled(reset.or_else(|| resp.retry_after()), why)
         }
+        // A refused API key, an exhausted plan, an unverified sender or a block on the
+        // account: no mail will go through until an operator fixes it.
+        401 | 403 => Classification::auth_failed(why),
         _ => Classification::by_status(resp, why),
     }
 }
@@ -246,14 +249,14 @@ mod tests {
                 401,
                 None,
                 "The provided authorization grant is invalid, expired, or revoked",
-                "permanent",
+                "auth_failed",
             ),
-            (401, None, "Maximum credits exceeded", "permanent"),
+            (401, None, "Maximum credits exceeded", "auth_failed"),
             (
                 403,
                 None,
                 "The from address does not match a verified Sender Identity.",
-                "permanent",
+                "auth_failed",
             ),
             (413, None, "content too large", "permanent"),
             (429, None, "too many requests", "throttled"),

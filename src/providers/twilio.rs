@@ -121,7 +121,8 @@ pub fn classify(resp: &HttpResponse) -> Classification {
         21211 | 21614 | 21610 => Classification::invalid(why),
         // REST concurrency exceeded: not processed, safe to retry.
         20429 => Classification::throttled(resp.retry_after(), why),
-        20003 => Classification::permanent(why),
+        // Authentication failed: herald's account SID or auth token is wrong.
+        20003 => Classification::auth_failed(why),
         21000..=21999 => Classification::permanent(why),
         _ => Classification::by_status(resp, why),
     }
@@ -252,7 +253,7 @@ mod tests {
             (400, 21408, "permanent"),
             (400, 21617, "permanent"),
             (400, 21602, "permanent"),
-            (401, 20003, "permanent"),
+            (401, 20003, "auth_failed"),
             (429, 20429, "throttled"),
             (500, 20500, "transient"),
             (503, 20503, "transient"),

@@ -116,7 +116,9 @@ pub fn classify(resp: &HttpResponse) -> Classification {
         // 6 (invalid message, e.g. an unknown prefix) means a dead number only if it recurs,
         // which one answer cannot tell: FAIL this delivery, let the caller count.
         "6" => Classification::permanent(why),
-        // 2, 3, 12, 22, 23: bad request; 4, 8, 11, 14, 15, 29, 32: configuration.
+        // Invalid credentials or signature, account barred: nothing goes through.
+        "4" | "8" | "14" | "32" => Classification::auth_failed(why),
+        // 2, 3, 12, 22, 23: bad request; 11, 15, 29: configuration of this request.
         _ => Classification::permanent(why),
     }
 }
@@ -244,21 +246,21 @@ mod tests {
             ("1", "throttled"),
             ("2", "permanent"),
             ("3", "permanent"),
-            ("4", "permanent"),
+            ("4", "auth_failed"),
             ("5", "transient"),
             ("6", "permanent"),
             ("7", "invalid_address"),
-            ("8", "permanent"),
+            ("8", "auth_failed"),
             ("9", "throttled"),
             ("10", "throttled"),
             ("11", "permanent"),
             ("12", "permanent"),
-            ("14", "permanent"),
+            ("14", "auth_failed"),
             ("15", "permanent"),
             ("22", "permanent"),
             ("23", "permanent"),
             ("29", "permanent"),
-            ("32", "permanent"),
+            ("32", "auth_failed"),
             ("33", "invalid_address"),
         ] {
             assert_eq!(classify(&status(code)).label(), class, "status {code}");

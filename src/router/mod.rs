@@ -165,9 +165,10 @@ struct Reject {
 }
 
 impl Router {
-    pub async fn open(config: &Config, topology: &Topology) -> anyhow::Result<Router> {
+    /// Opens the router; waits for the store while it is unreachable.
+    pub async fn open(config: &Config, topology: &Topology, shutdown: &CancellationToken) -> anyhow::Result<Router> {
         let r = &config.router;
-        let store = Arc::new(Store::open(&config.store).await?);
+        let store = Arc::new(Store::open_waiting(&config.store, "router", shutdown).await?);
         let codec = Arc::new(Codec::new(&config.registry)?);
         let contacts = Arc::new(Contacts::new(store.clone(), r.cache_max_entries, r.cache_ttl));
         let mut triggers = HashMap::new();
@@ -448,6 +449,7 @@ impl Router {
                     deadline,
                     created_at: now,
                     last_error: None,
+                    last_provider: None,
                 });
             }
         }
@@ -641,7 +643,7 @@ impl Processor for Released {
 /// Runs the router role until `shutdown`: the requests stage, the delay stage and the
 /// cache-invalidation follower.
 pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let router = Arc::new(Router::open(config, topology).await?);
+    let router = Arc::new(Router::open(config, topology, &shutdown).await?);
     let k = &config.kafka;
     let r = &config.router;
     let mut topics = vec![router.topics.requests.clone()];

@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "008_api_signatures",
         cql: include_str!("../../cql/008_api_signatures.cql"),
     },
+    Migration {
+        version: 9,
+        name: "009_dispatch_commit",
+        cql: include_str!("../../cql/009_dispatch_commit.cql"),
+    },
 ];
 
 impl Migration {

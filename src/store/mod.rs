@@ -56,15 +56,48 @@ impl Classify for StoreError {
     }
 }
 
-/// Maps a driver error at `op` into a [`StoreError`]; timeouts and connection trouble are
-/// retryable, everything else (syntax, schema, invalid values) is not.
-pub(crate) fn query_err(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> StoreError {
+/// Maps a driver error at `op` into a [`StoreError`]. A request error is classified by its
+/// type: a statement the store refuses (syntax, schema, invalid values, authorization) or
+/// that cannot be serialised is permanent; everything about reaching the store (no
+/// connection, timeouts, unavailable or overloaded replicas, a node starting) is retryable,
+/// so an outage is waited out instead of stopping a role. Other errors (row decoding) are
+/// classified by their text.
+pub(crate) fn query_err<E: std::fmt::Display + std::fmt::Debug + 'static>(op: &'static str, e: E) -> StoreError {
     let detail = e.to_string();
-    let d = detail.to_ascii_lowercase();
-    let retryable = ["timeout", "timed out", "unavailable", "connection", "overloaded", "broken pipe", "no connections"]
-        .iter()
-        .any(|w| d.contains(w));
+    let any: &dyn std::any::Any = &e;
+    let retryable = if let Some(e) = any.downcast_ref::<scylla::errors::ExecutionError>() {
+        execution_retryable(e)
+    } else if let Some(e) = any.downcast_ref::<scylla::errors::PrepareError>() {
+        !matches!(e, scylla::errors::PrepareError::AllAttemptsFailed { first_attempt } if !attempt_retryable(first_attempt))
+    } else {
+        let d = detail.to_ascii_lowercase();
+        ["timeout", "timed out", "unavailable", "connection", "overloaded", "broken pipe", "no connections"].iter().any(|w| d.contains(w))
+    };
     StoreError::Query { op, detail, retryable }
+}
+
+fn execution_retryable(e: &scylla::errors::ExecutionError) -> bool {
+    use scylla::errors::ExecutionError as E;
+    match e {
+        E::BadQuery(_) => false,
+        E::LastAttemptError(a) => attempt_retryable(a),
+        E::PrepareError(p) => !matches!(p, scylla::errors::PrepareError::AllAttemptsFailed { first_attempt } if !attempt_retryable(first_attempt)),
+        // No node to ask, no connection, a client timeout, schema agreement: the store is
+        // (partly) out of reach.
+        _ => true,
+    }
+}
+
+fn attempt_retryable(e: &scylla::errors::RequestAttemptError) -> bool {
+    use scylla::errors::{DbError as D, RequestAttemptError as A};
+    match e {
+        A::SerializationError(_) | A::CqlRequestSerialization(_) => false,
+        A::DbError(db, _) => !matches!(
+            db,
+            D::SyntaxError | D::Invalid | D::AlreadyExists { .. } | D::FunctionFailure { .. } | D::AuthenticationError | D::Unauthorized | D::ConfigError | D::ProtocolError
+        ),
+        _ => true,
+    }
 }
 
 /// Opens a session to the contact points, failing fast when nobody answers.
@@ -113,16 +146,6 @@ pub struct User {
 pub struct ContactHealth {
     pub email_active: Option<bool>,
     pub phone_active: Option<bool>,
-}
-
-/// A delivery's row in the sent-log.
-#[derive(Debug, Clone, PartialEq, Eq, DeserializeRow)]
-pub struct SentEntry {
-    pub state: String,
-    pub provider: Option<String>,
-    pub provider_message_id: Option<String>,
-    pub attempt: Option<i32>,
-    pub latency_ms: Option<i64>,
 }
 
 /// One device of a user.
@@ -181,22 +204,6 @@ pub struct TemplateContent {
     pub data: Option<HashMap<String, String>>,
 }
 
-/// A sent message: the provider's id for it and the delivery it carried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProviderMessage {
-    /// `twilio` | `vonage` | `sendgrid` | `mandrill` | `apns` | `fcm`.
-    pub provider: String,
-    pub provider_message_id: String,
-    pub delivery_id: String,
-    pub event_id: String,
-    pub user_id: String,
-    /// Delivery channel: `apns` | `fcm` | `sms` | `email`.
-    pub channel: String,
-    pub category: String,
-    /// Epoch milliseconds.
-    pub sent_at: i64,
-}
-
 /// Who first claimed an event id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, DeserializeRow)]
 pub struct DedupClaim {
@@ -223,15 +230,15 @@ pub struct NewThrottleHit {
 }
 
 /// Keys per `IN` read: one request instead of a hundred, still a small fan-out.
-const IN_CHUNK: usize = 100;
+pub(crate) const IN_CHUNK: usize = 100;
 /// Rows per unlogged write batch (a few KiB: under Scylla's and Cassandra's batch-size
 /// warnings for herald's small rows).
-const WRITE_CHUNK: usize = 20;
+pub(crate) const WRITE_CHUNK: usize = 20;
 /// Requests one batch operation keeps in flight.
 const IN_FLIGHT: usize = 64;
 
 /// Runs `f` over `items` with at most [`IN_FLIGHT`] at a time; results in any order.
-async fn bounded<'a, T, R, F, Fut>(items: &'a [T], f: F) -> Result<Vec<R>, StoreError>
+pub(crate) async fn bounded<'a, T, R, F, Fut>(items: &'a [T], f: F) -> Result<Vec<R>, StoreError>
 where
     F: Fn(&'a T) -> Fut,
     Fut: std::future::Future<Output = Result<R, StoreError>> + 'a,
@@ -241,6 +248,35 @@ where
     // higher-ranked lifetime check when the caller's future must be `Send`.
     let futures: Vec<Fut> = items.iter().map(f).collect();
     futures::stream::iter(futures).buffer_unordered(IN_FLIGHT).try_collect().await
+}
+
+/// One statement of a mixed write batch with its values.
+pub(crate) type Row<'r> = (&'r PreparedStatement, Box<dyn scylla::serialize::row::SerializeRow + Send + Sync + 'r>);
+
+/// Writes groups of rows in unlogged batches: a group never straddles two batches (rows of
+/// one partition key travel together and land as one mutation), groups are packed up to
+/// [`WRITE_CHUNK`] rows, [`IN_FLIGHT`] batches at a time. Every row must be an idempotent
+/// upsert: a batch failing half-way is simply written again.
+pub(crate) async fn write_grouped(session: &Session, groups: Vec<Vec<Row<'_>>>, op: &'static str) -> Result<(), StoreError> {
+    let mut batches: Vec<Vec<Row<'_>>> = Vec::new();
+    for rows in groups {
+        match batches.last_mut() {
+            Some(b) if b.len() + rows.len() <= WRITE_CHUNK => b.extend(rows),
+            _ => batches.push(rows),
+        }
+    }
+    bounded(&batches, |rows| async move {
+        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+        for (st, _) in rows {
+            batch.append_statement((*st).clone());
+        }
+        batch.set_is_idempotent(true);
+        let values: Vec<&(dyn scylla::serialize::row::SerializeRow + Send + Sync)> = rows.iter().map(|(_, v)| v.as_ref()).collect();
+        session.batch(&batch, values).await.map_err(|e| query_err(op, e))?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
 }
 
 /// One row of the notification log.
@@ -263,7 +299,7 @@ pub struct LogEntry {
     pub source: Option<String>,
 }
 
-type LogValues<'a> = (
+pub(crate) type LogValues<'a> = (
     &'a str,
     chrono::DateTime<chrono::Utc>,
     &'a str,
@@ -281,7 +317,7 @@ type LogValues<'a> = (
 
 /// A log row's values; `source` unset (not null: no tombstone) where the writer does not
 /// know who asked.
-fn log_values<'a>(o: &'a crate::model::DeliveryOutcome, source: Option<&'a str>) -> LogValues<'a> {
+pub(crate) fn log_values<'a>(o: &'a crate::model::DeliveryOutcome, source: Option<&'a str>) -> LogValues<'a> {
     let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(o.occurred_at).unwrap_or_else(chrono::Utc::now);
     (
         &o.event_id,
@@ -322,23 +358,19 @@ pub struct Store {
     users_in: PreparedStatement,
     devices_in: PreparedStatement,
     preferences_in: PreparedStatement,
-    put_log: PreparedStatement,
+    pub(crate) put_log: PreparedStatement,
     log_of: PreparedStatement,
     throttle_hits_of_users: PreparedStatement,
     put_throttle_hit: PreparedStatement,
-    get_sent: PreparedStatement,
-    put_sent: PreparedStatement,
-    deactivate_device: PreparedStatement,
-    set_email_active: PreparedStatement,
-    set_phone_active: PreparedStatement,
+    pub(crate) deactivate_device: PreparedStatement,
+    pub(crate) set_email_active: PreparedStatement,
+    pub(crate) set_phone_active: PreparedStatement,
     contact_health: PreparedStatement,
     del_user: PreparedStatement,
     del_devices_of: PreparedStatement,
     del_device: PreparedStatement,
     del_token_owner: PreparedStatement,
     del_preferences_of: PreparedStatement,
-    put_provider_message: PreparedStatement,
-    put_delivery_ref: PreparedStatement,
 }
 
 impl Store {
@@ -361,6 +393,32 @@ impl Store {
             return Err(StoreError::NotMigrated(cfg.keyspace.clone()));
         }
         Store::prepare(Arc::new(session), &cfg.keyspace).await
+    }
+
+    /// [`Store::open`] for a long-running role: while the store is unreachable (or a
+    /// statement cannot be prepared for a retryable reason) it waits, logging, and tries
+    /// again until it succeeds or `shutdown` is cancelled; only a permanent error (the
+    /// keyspace is not migrated, a statement is refused) is returned.
+    pub async fn open_waiting(cfg: &StoreConfig, role: &'static str, shutdown: &tokio_util::sync::CancellationToken) -> Result<Store, StoreError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match Store::open(cfg).await {
+                Ok(s) => {
+                    crate::telemetry::events::waiting(role, "store", false);
+                    return Ok(s);
+                }
+                Err(e) if e.is_retryable() && !shutdown.is_cancelled() => {
+                    crate::telemetry::events::waiting(role, "store", true);
+                    tracing::warn!(error = %e, ?backoff, "waiting for the store");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Prepares every statement with keyspace-qualified table names (no `USE`, which
@@ -412,8 +470,6 @@ impl Store {
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source FROM notification_log WHERE event_id = ?").await?,
             throttle_hits_of_users: p("SELECT user_id, channel, event_id, at FROM throttle_hits_by_user WHERE user_id IN ? AND category = ?").await?,
             put_throttle_hit: p("INSERT INTO throttle_hits_by_user (user_id, category, channel, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
-            get_sent: p("SELECT state, provider, provider_message_id, attempt, latency_ms FROM sent_log WHERE delivery_id = ?").await?,
-            put_sent: p("INSERT INTO sent_log (delivery_id, state, provider, provider_message_id, attempt, latency_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now()))").await?,
             deactivate_device: p(&format!("UPDATE {ks}.devices SET active = false, updated_at = toTimestamp(now()) WHERE user_id = ? AND device_id = ?")).await?,
             set_email_active: p(&format!("UPDATE {ks}.users SET email_active = ? WHERE user_id = ?")).await?,
             set_phone_active: p(&format!("UPDATE {ks}.users SET phone_active = ? WHERE user_id = ?")).await?,
@@ -423,8 +479,6 @@ impl Store {
             del_device: p("DELETE FROM devices WHERE user_id = ? AND device_id = ?").await?,
             del_token_owner: p("DELETE FROM devices_by_token WHERE push_token = ?").await?,
             del_preferences_of: p("DELETE FROM preferences WHERE user_id = ?").await?,
-            put_provider_message: p("INSERT INTO provider_messages (provider, provider_message_id, delivery_id, event_id, user_id, channel, category, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
-            put_delivery_ref: p("INSERT INTO deliveries_by_id (delivery_id, event_id, user_id, channel, category, provider, provider_message_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
             session,
         })
     }
@@ -609,7 +663,6 @@ impl Store {
     /// [`WRITE_CHUNK`] rows, [`IN_FLIGHT`] at a time; every write is an idempotent upsert.
     /// Each outcome comes with the request's `source` (who asked), when known.
     pub async fn record_events(&self, claims: &[(&str, DedupClaim)], claim_ttl: Duration, outcomes: &[(crate::model::DeliveryOutcome, Option<String>)]) -> Result<(), StoreError> {
-        type Row<'r> = (&'r PreparedStatement, Box<dyn scylla::serialize::row::SerializeRow + Send + Sync + 'r>);
         let ttl = claim_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
         let mut by_event: std::collections::BTreeMap<&str, Vec<Row<'_>>> = Default::default();
         for (id, c) in claims {
@@ -618,25 +671,7 @@ impl Store {
         for (o, source) in outcomes {
             by_event.entry(o.event_id.as_str()).or_default().push((&self.put_log, Box::new(log_values(o, source.as_deref()))));
         }
-        let mut batches: Vec<Vec<Row<'_>>> = Vec::new();
-        for rows in by_event.into_values() {
-            match batches.last_mut() {
-                Some(b) if b.len() + rows.len() <= WRITE_CHUNK => b.extend(rows),
-                _ => batches.push(rows),
-            }
-        }
-        bounded(&batches, |rows| async move {
-            let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
-            for (st, _) in rows {
-                batch.append_statement((*st).clone());
-            }
-            batch.set_is_idempotent(true);
-            let values: Vec<&(dyn scylla::serialize::row::SerializeRow + Send + Sync)> = rows.iter().map(|(_, v)| v.as_ref()).collect();
-            self.session.batch(&batch, values).await.map_err(|e| query_err("record events", e))?;
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        write_grouped(&self.session, by_event.into_values().collect(), "record events").await
     }
 
     /// Writes many rows with one statement: unlogged batches of [`WRITE_CHUNK`] rows (one
@@ -675,37 +710,6 @@ impl Store {
         let mut rows: Vec<LogEntry> = self.rows(&self.log_of, (event_id,), "notification log").await?;
         rows.sort_by(|a, b| (a.recorded_at, &a.outcome_id).cmp(&(b.recorded_at, &b.outcome_id)));
         Ok(rows)
-    }
-
-    /// The sent-log row of a delivery.
-    pub async fn sent(&self, delivery_id: &str) -> Result<Option<SentEntry>, StoreError> {
-        self.first_row::<SentEntry, _>(&self.get_sent, (delivery_id,), "get sent").await
-    }
-
-    /// Records the state of a delivery: `attempting` before the provider call, `sent` after.
-    pub async fn put_sent(
-        &self,
-        delivery_id: &str,
-        state: &str,
-        provider: &str,
-        message_id: Option<&str>,
-        attempt: i32,
-        latency_ms: Option<i64>,
-    ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.put_sent, (delivery_id, state, provider, message_id, attempt, latency_ms))
-            .await
-            .map_err(|e| query_err("put sent", e))?;
-        Ok(())
-    }
-
-    /// Marks a push device dead (APNs Unregistered, FCM UNREGISTERED...).
-    pub async fn deactivate_device(&self, user_id: &str, device_id: &str) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.deactivate_device, (user_id, device_id))
-            .await
-            .map_err(|e| query_err("deactivate device", e))?;
-        Ok(())
     }
 
     /// Marks a user's email (`channel = "email"`) or phone (`"sms"`) as working or dead.
@@ -790,27 +794,6 @@ impl Store {
         }
         batch.set_is_idempotent(true);
         self.session.batch(&batch, values).await.map_err(|e| query_err("delete device", e))?;
-        Ok(())
-    }
-
-    /// Records which delivery a provider's message id carried (the dispatcher calls this
-    /// after a successful send), so webhooks and tracking map back to the event.
-    pub async fn put_provider_message(&self, m: &ProviderMessage) -> Result<(), StoreError> {
-        let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Logged);
-        batch.append_statement(self.put_provider_message.clone());
-        batch.append_statement(self.put_delivery_ref.clone());
-        batch.set_is_idempotent(true);
-        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(m.sent_at).unwrap_or_else(chrono::Utc::now);
-        self.session
-            .batch(
-                &batch,
-                (
-                    (&m.provider, &m.provider_message_id, &m.delivery_id, &m.event_id, &m.user_id, &m.channel, &m.category, at),
-                    (&m.delivery_id, &m.event_id, &m.user_id, &m.channel, &m.category, &m.provider, &m.provider_message_id, at),
-                ),
-            )
-            .await
-            .map_err(|e| query_err("put provider message", e))?;
         Ok(())
     }
 

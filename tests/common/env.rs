@@ -25,6 +25,7 @@ use super::unique;
 
 /// One record seen on an output topic.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Seen {
     Outcome(DeliveryOutcome),
     Delivery(ChannelDelivery),
