@@ -59,6 +59,7 @@ pub async fn follow<S: Invalidate>(cfg: &KafkaConfig, topic: &str, role: &str, s
             }
         }
     };
+    let errors = crate::kafka::Throttle::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -70,7 +71,11 @@ pub async fn follow<S: Invalidate>(cfg: &KafkaConfig, topic: &str, role: &str, s
                     },
                     None => tracing::debug!("ignoring a change without a UTF-8 key"),
                 },
-                Err(e) => tracing::warn!(error = %e, "changes topic read failed"),
+                Err(e) => {
+                    if let Some(suppressed) = errors.allow() {
+                        tracing::warn!(error = %e, suppressed, "changes topic read failed (retrying)");
+                    }
+                }
             }
         }
     }

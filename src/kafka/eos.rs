@@ -145,9 +145,19 @@ struct Revocations {
 struct StageContext {
     role: &'static str,
     state: Arc<Mutex<Revocations>>,
+    /// librdkafka repeats a broker outage's errors every few hundred milliseconds.
+    errors: super::Throttle,
 }
 
 impl ClientContext for StageContext {
+    /// Global client errors (all brokers down, transport failures): logged at warn, at most
+    /// every 10 s; the client reconnects by itself and the loop waits.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(suppressed) = self.errors.allow() {
+            tracing::warn!(role = self.role, %error, reason, suppressed, "Kafka client error (retrying)");
+        }
+    }
+
     /// librdkafka statistics (every 5 s, delivered while the consumer is polled): consumer
     /// lag per assigned partition, i.e. the queue depth.
     fn stats(&self, statistics: rdkafka::Statistics) {
@@ -197,7 +207,7 @@ pub async fn run<P: Processor>(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
-        .create_with_context(StageContext { role: settings.role, state: state.clone() })
+        .create_with_context(StageContext { role: settings.role, state: state.clone(), errors: super::Throttle::default() })
         .map_err(|e| BusError::Config(e.to_string()))?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
@@ -253,7 +263,7 @@ pub async fn run<P: Processor>(
                     Some(p) => p,
                     None => break, // shut down while waiting for the broker
                 };
-                rewind_to_committed(&consumer, &batch, timeout, &shutdown).await;
+                rewind_to_committed(&consumer, &batch, &shutdown).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -340,7 +350,7 @@ async fn retrying(mut f: impl FnMut() -> Result<(), KafkaError>, within: Duratio
 /// Seeks every partition of the batch to its committed offset (asking the group
 /// coordinator until it answers): the start of the batch when its transaction did not
 /// commit, past it when it did.
-async fn rewind_to_committed(consumer: &StreamConsumer<StageContext>, batch: &[OwnedMessage], timeout: Duration, shutdown: &CancellationToken) {
+async fn rewind_to_committed(consumer: &StreamConsumer<StageContext>, batch: &[OwnedMessage], shutdown: &CancellationToken) {
     let mut first: HashMap<(&str, i32), i64> = HashMap::new();
     for m in batch {
         let e = first.entry((m.topic(), m.partition())).or_insert(m.offset());
@@ -351,9 +361,14 @@ async fn rewind_to_committed(consumer: &StreamConsumer<StageContext>, batch: &[O
         tpl.add_partition(t, *p);
     }
     let mut backoff = Duration::from_millis(200);
+    let asking = std::time::Instant::now();
     let committed = loop {
-        match blocking(|| consumer.committed_offsets(tpl.clone(), timeout)) {
-            Ok(c) => break c,
+        // Short asks, again and again: a long one can sit out a whole group rejoin.
+        match blocking(|| consumer.committed_offsets(tpl.clone(), Duration::from_secs(3))) {
+            Ok(c) => {
+                tracing::info!(ms = asking.elapsed().as_millis() as u64, "read the committed offsets after a failed transaction");
+                break c;
+            }
             Err(e) if !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, ?backoff, "cannot read committed offsets; waiting for the broker");
                 tokio::time::sleep(backoff).await;
@@ -429,10 +444,13 @@ async fn collect(
 }
 
 /// A consume error: the broker is away (librdkafka keeps reconnecting) or a record could
-/// not be fetched; logged, the loop goes on.
+/// not be fetched; logged (at most every 10 s), the loop goes on.
 fn consume_error(settings: &StageSettings, e: &KafkaError) {
+    static LOG: super::Throttle = super::Throttle::new();
     events::waiting(settings.role, "kafka", true);
-    tracing::warn!(role = settings.role, error = %e, "consume failed; waiting for the broker");
+    if let Some(suppressed) = LOG.allow() {
+        tracing::warn!(role = settings.role, error = %e, suppressed, "consume failed; waiting for the broker");
+    }
 }
 
 /// Produces the outputs and commits the offsets, all in one transaction.

@@ -57,6 +57,37 @@ impl Classify for BusError {
     }
 }
 
+/// Lets a repeated log line through at most once per [`Throttle::EVERY`], counting the rest.
+#[derive(Default)]
+pub(crate) struct Throttle(std::sync::Mutex<Option<(Instant, u64)>>);
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> Throttle {
+        Throttle(std::sync::Mutex::new(None))
+    }
+
+    /// `Some(suppressed since the last one)` when this occurrence should be logged.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut s = self.0.lock().unwrap();
+        match *s {
+            Some((at, ref mut n)) if at.elapsed() < Self::EVERY => {
+                *n += 1;
+                None
+            }
+            Some((_, n)) => {
+                *s = Some((Instant::now(), 0));
+                Some(n)
+            }
+            None => {
+                *s = Some((Instant::now(), 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// The base librdkafka configuration every client of `role` starts from.
 pub fn client_config(cfg: &KafkaConfig, role: &str) -> ClientConfig {
     let mut c = ClientConfig::new();

@@ -151,6 +151,16 @@ impl Env {
         }
     }
 
+    /// Roles that exited on their own, with their exit status.
+    pub fn exited(&self) -> Vec<String> {
+        self.roles
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter_map(|(name, child)| child.try_wait().ok().flatten().map(|status| format!("{name} ({status})")))
+            .collect()
+    }
+
     /// The role's log so far (for assertion messages).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
@@ -326,6 +336,11 @@ impl Drop for Env {
         for (_, mut child) in self.roles.lock().unwrap().drain(..) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // HERALD_TEST_KEEP=1 keeps the env dir (config, role logs) for a look afterwards.
+        if std::env::var_os("HERALD_TEST_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("kept {}", dir.keep().display());
         }
     }
 }
