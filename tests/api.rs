@@ -707,10 +707,11 @@ fn form(pairs: &[(&str, &str)]) -> String {
 async fn twilio_and_vonage_webhooks(api: &Api) {
     use herald::api::webhooks::{url_params_signature, vonage_signature};
     let sid = format!("SM{}", &uuid::Uuid::new_v4().simple().to_string());
-    let (event, _, _) = sent(api, "twilio", &sid, "sms").await;
+    let (event, delivery, _) = sent(api, "twilio", &sid, "sms").await;
     let params = [("MessageSid", sid.as_str()), ("MessageStatus", "delivered"), ("AccountSid", "AC1"), ("To", "+4915112345678")];
     let owned: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let url = format!("{}/webhooks/twilio", api.base);
+    // The dispatcher's status callback URL names the delivery (Twilio signs it with its query).
+    let url = format!("{}/webhooks/twilio?delivery_id={delivery}", api.base);
     let sig = url_params_signature(b"tw-test-token", &url, &owned);
     let post = |sig: String| api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-twilio-signature", sig).body(form(&params)).send();
     let a = answer(post(sig.clone()).await.unwrap()).await;
@@ -776,16 +777,30 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
     tampered[10] ^= 1;
     assert_eq!(answer(post(tampered, sig).await.unwrap()).await.code(), "invalid_signature");
 
-    // Mandrill: metadata carries the delivery id; fallback by message id.
+    // Mandrill: metadata carries the delivery id (as the dispatcher sends it)...
     let mid = unique("md");
-    let (event, _, _) = sent(api, "mandrill", &mid, "email").await;
-    let events = json!([{ "event": "hard_bounce", "_id": mid, "ts": 1700000000, "msg": { "_id": mid, "state": "bounced", "bounce_description": "bad_mailbox", "metadata": {} } }]).to_string();
+    let (event, delivery, _) = sent(api, "mandrill", &mid, "email").await;
+    let events = json!([{ "event": "hard_bounce", "_id": mid, "ts": 1700000000, "msg": { "_id": mid, "state": "bounced", "bounce_description": "bad_mailbox", "metadata": { "delivery_id": delivery } } }]).to_string();
     let url = format!("{}/webhooks/mandrill", api.base);
     let sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), events.clone())]);
     let post = |sig: String| api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", sig).body(form(&[("mandrill_events", &events)])).send();
     let a = answer(post(sig).await.unwrap()).await;
-    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
     let os = api.env.wait_outcomes(&event, WAIT, |os| os.iter().any(|o| o.status == "bounced")).await;
+    assert_eq!(os[0].reason.as_deref(), Some("bad_mailbox"));
+    // ...and a message sent before migration 009 (no metadata; dispatchers then also wrote
+    // provider_messages) is found by its message id.
+    let (old_mid, old_event, old_delivery) = (unique("md-old"), unique("evt"), unique("dlv"));
+    let ks = &api.env.config.store.keyspace;
+    api.env.store.session
+        .query_unpaged(format!("INSERT INTO {ks}.provider_messages (provider, provider_message_id, delivery_id, event_id, user_id, channel, category, sent_at) VALUES ('mandrill', ?, ?, ?, 'tu', 'email', 'billing', toTimestamp(now()))"), (&old_mid, &old_delivery, &old_event))
+        .await
+        .unwrap();
+    let old = json!([{ "event": "hard_bounce", "_id": old_mid, "ts": 1700000000, "msg": { "_id": old_mid, "state": "bounced", "bounce_description": "bad_mailbox", "metadata": {} } }]).to_string();
+    let old_sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), old.clone())]);
+    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", old_sig).body(form(&[("mandrill_events", &old)])).send().await.unwrap()).await;
+    assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
+    let os = api.env.wait_outcomes(&old_event, WAIT, |os| os.iter().any(|o| o.status == "bounced")).await;
     assert_eq!(os[0].reason.as_deref(), Some("bad_mailbox"));
     assert_eq!(answer(post("AAAA".into()).await.unwrap()).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(api.http.head(&url).send().await.unwrap().status(), StatusCode::OK);

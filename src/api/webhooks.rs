@@ -6,13 +6,17 @@
 //!
 //! | provider | signature | delivery lookup |
 //! |---|---|---|
-//! | Twilio status callback | `X-Twilio-Signature` = base64(HMAC-SHA1(auth token, URL + Σ sorted name+value)) | `MessageSid` → `provider_messages` |
+//! | Twilio status callback | `X-Twilio-Signature` = base64(HMAC-SHA1(auth token, URL + Σ sorted name+value)) | `delivery_id` in the callback URL's query (the dispatcher sets it), else `MessageSid` |
 //! | SendGrid signed event webhook | ECDSA P-256/SHA-256 over timestamp ‖ raw body, base64 DER, SPKI public key | custom arg `delivery_id`, else `sg_message_id` (before the first `.`) |
 //! | Mailchimp Transactional | `X-Mandrill-Signature` = base64(HMAC-SHA1(webhook key, URL + "mandrill_events" + value)) | `msg.metadata.delivery_id`, else `msg._id` |
 //! | Vonage delivery receipt | `sig` = HMAC-SHA1/256/512(secret, "&" + sorted `k=v` pairs, `&`/`=` in values → `_`), hex; `timestamp` within 5 min | `client-ref` (= delivery id), else `messageId` |
 //!
 //! URL-signed providers (Twilio, Mandrill) sign the URL they were configured with: it is
 //! rebuilt as `api.public_base_url` + path (+ query).
+//!
+//! Every provider's webhook carries the delivery id herald sent with the message, looked up
+//! in `deliveries_by_id`. The provider's message id is the fallback, in `provider_messages`,
+//! which dispatchers no longer write (migration 009): it finds messages sent before.
 //! An `unsubscribed` outcome also opts the user out of email for the delivery's category.
 
 use std::sync::Arc;
@@ -221,8 +225,9 @@ pub async fn twilio(State(st): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
     };
     let mut out = Vec::new();
     let mut unmatched = 0;
+    let delivery_id = uri.query().and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "delivery_id").map(|(_, v)| v.into_owned()));
     if let Some(s) = twilio_status(status) {
-        match find(&st, "twilio", None, Some(sid)).await? {
+        match find(&st, "twilio", delivery_id.as_deref(), Some(sid)).await? {
             Some(d) => out.extend(outcomes::outcome(&d, outcomes::outcome_id(&["twilio", sid, status]), s, Some("twilio"), param(&params, "ErrorCode").map(|c| format!("twilio error {c}")))),
             None => unmatched += 1,
         }

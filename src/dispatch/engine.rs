@@ -11,8 +11,7 @@
 //!    records, and no provider call.
 //! 2. **One read for the rest.** The sent-log (`deliveries_by_id`) is read for the whole
 //!    batch with `IN` queries. A delivery found there was sent by an earlier process (a
-//!    crash, a rebalance, a replay): its `sent` outcome is emitted again and its index rows
-//!    written again (repairing a write that was cut half-way), nothing is sent.
+//!    crash, a rebalance, a replay): its `sent` outcome is emitted again, nothing is sent.
 //! 3. **In-flight ranges.** Before sending, the dispatcher records per partition the offsets
 //!    it is about to send (one write per batch). A process that takes a partition over and
 //!    finds another process's range there knows which deliveries may have reached the
@@ -28,9 +27,9 @@
 //! 5. **Group commit.** An accepted send is handed at once to the [`Writer`], which writes
 //!    sent records (and the batch's log rows) at most `write_interval_ms` after they were
 //!    queued and retries until the store takes them. The batch's result is returned only
-//!    when all its writes are durable (the webhooks' index must exist before the `sent`
-//!    outcome does); if that takes longer than `durable_wait_ms` the batch is rewound and
-//!    processed again, from memory.
+//!    when all its writes are durable (webhooks and tracking must find the delivery before
+//!    its `sent` outcome is out); if that takes longer than `durable_wait_ms` the batch is
+//!    rewound and processed again, from memory.
 //!
 //! So a delivery is sent twice only if the process dies after the provider accepted it and
 //! before its sent record was written: within `write_interval_ms` plus one store write. A
@@ -369,7 +368,6 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         let mut out = Decision { emits: Vec::new(), durable: Vec::new() };
         if let Some(s) = found {
             // Sent before (by a process that stopped, or a replay): say so again, send nothing.
-            out.durable.push(self.writer.put(Write::Sent(s.clone())));
             let mut o = self.outcome(pos, d, "sent");
             (o.provider, o.provider_message_id, o.latency_ms, o.attempt, o.occurred_at) = (Some(s.provider.clone()), Some(s.provider_message_id.clone()), s.latency_ms, s.attempt, s.sent_at);
             self.emit(o, &mut out);
@@ -661,7 +659,6 @@ mod tests {
         assert_eq!(sent.len(), 5);
         assert!(sent.iter().all(|o| o.status == "sent"));
         assert_eq!(store.data.sent.lock().unwrap().len(), 5, "sent records durable");
-        assert_eq!(store.data.webhook_index.lock().unwrap().len(), 5, "webhooks find them");
         // An aborted transaction (the same batch again, not committed): the same outcomes.
         let again = e.process(items("email", 0..5)).await.unwrap();
         assert_eq!(outcomes(&again), sent);

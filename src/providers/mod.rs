@@ -155,8 +155,8 @@ pub struct HttpConfig {
     /// Time for a whole request/response exchange, in milliseconds.
     pub request_timeout_ms: u64,
     /// Idle connections kept per host (HTTP/1.1; HTTP/2 multiplexes on one). Keep it at
-    /// least the provider's concurrency limit, or connections beyond it are closed after
-    /// each request and opened again under load.
+    /// least the provider's concurrency limit (`dispatch.limits`), or connections beyond it
+    /// are closed after each request and opened again under load; idle ones close after 90 s.
     pub pool_max_idle_per_host: usize,
     /// Extra trusted root certificates (PEM), e.g. a local sandbox's generated CA.
     pub root_ca_file: Option<PathBuf>,
@@ -167,7 +167,7 @@ impl Default for HttpConfig {
         HttpConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
-            pool_max_idle_per_host: 512,
+            pool_max_idle_per_host: 4096,
             root_ca_file: None,
         }
     }

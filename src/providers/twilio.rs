@@ -85,7 +85,13 @@ pub fn build_request(
         }
     }
     fields.push(("Body", body));
-    if let Some(url) = &cfg.status_callback {
+    // The callback names the delivery, so the webhook finds it without a lookup by
+    // MessageSid (Twilio signs the URL with its query).
+    let callback = cfg.status_callback.as_ref().map(|url| {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}delivery_id={}", d.delivery_id)
+    });
+    if let Some(url) = &callback {
         fields.push(("StatusCallback", url));
     }
     fields.push(("ValidityPeriod", &validity));
@@ -178,7 +184,7 @@ mod tests {
                 ("To", "+15557654321"),
                 ("From", "+15550001111"),
                 ("Body", "Code: 1234 & more"),
-                ("StatusCallback", "https://hooks.example.com/twilio"),
+                ("StatusCallback", "https://hooks.example.com/twilio?delivery_id=d-42"),
                 ("ValidityPeriod", "3600"),
             ])
         );
