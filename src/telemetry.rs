@@ -177,8 +177,8 @@ pub mod events {
     }
 
     /// A role started (`true`) or stopped (`false`) waiting for `dependency`.
-    pub fn waiting(role: &'static str, dependency: &'static str, waiting: bool) {
-        gauge!(WAITING, "role" => role, "dependency" => dependency).set(if waiting { 1.0 } else { 0.0 });
+    pub fn waiting(role: &str, dependency: &'static str, waiting: bool) {
+        gauge!(WAITING, "role" => role.to_string(), "dependency" => dependency).set(if waiting { 1.0 } else { 0.0 });
     }
 
     pub fn consumer_lag(role: &'static str, topic: &str, partition: i32, lag: i64) {

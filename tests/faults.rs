@@ -47,6 +47,8 @@ enum Outage {
 
 struct Load {
     env: Env,
+    /// Where the email dispatcher serves /metrics.
+    metrics: String,
     sandbox: RunningSandbox,
     http: reqwest::Client,
     /// delivery id → channel, for every delivery the test expects.
@@ -64,7 +66,8 @@ impl Load {
                 "\n[api]\nlisten = \"127.0.0.1:{port}\"\n[dispatch]\nbatch_max = 200\n[dispatch.limits.sendgrid]\nconcurrency = 50\nrate_per_sec = 150.0\n[dispatch.limits.twilio]\nconcurrency = 50\nrate_per_sec = 150.0\n"
             );
         let env = Env::start(&config).await;
-        Load { env, sandbox, http: reqwest::Client::new(), expected: HashMap::new() }
+        let metrics = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        Load { env, metrics, sandbox, http: reqwest::Client::new(), expected: HashMap::new() }
     }
 
     /// The router, the API and the email and SMS dispatchers.
@@ -72,9 +75,17 @@ impl Load {
         for role in ["router", "api"] {
             self.env.spawn(role, &[role]);
         }
-        for ch in ["email", "sms"] {
-            self.env.spawn(&format!("dispatch-{ch}"), &["dispatch", "--channel", ch]);
-        }
+        self.env.spawn_env("dispatch-email", &["dispatch", "--channel", "email"], &[("HERALD__TELEMETRY__METRICS_LISTEN", self.metrics.as_str())]);
+        self.env.spawn("dispatch-sms", &["dispatch", "--channel", "sms"]);
+    }
+
+    /// Whether the email dispatcher's metrics say it is waiting for `dependency`.
+    async fn waiting_for(&self, dependency: &str) -> bool {
+        let text = match self.http.get(format!("http://{}/metrics", self.metrics)).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        text.lines().any(|l| l.starts_with("herald_waiting{") && l.contains(&format!("dependency=\"{dependency}\"")) && l.ends_with(" 1"))
     }
 
     /// 300 requests through the router (email + SMS each) and 1,400 deliveries straight onto
@@ -217,7 +228,10 @@ async fn outage_under_load(outage: Outage) {
         Outage::Store => stack(&["stop", "cassandra", "--kill"]),
     }
     let down = Instant::now();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let dependency = if matches!(outage, Outage::Kafka) { "kafka" } else { "store" };
+    assert!(load.waiting_for(dependency).await, "the email dispatcher's metrics say it waits for {dependency}");
+    tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(load.env.exited().is_empty(), "roles exited during the outage: {:?}", load.env.exited());
     stack(&["start", component]);
     let healthy = Instant::now();

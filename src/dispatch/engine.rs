@@ -171,6 +171,8 @@ const MEMO_TTL: Duration = Duration::from_secs(15 * 60);
 /// One channel's dispatcher logic over a store and providers.
 pub struct Engine<S, P> {
     channel: String,
+    /// `dispatch-<channel>`, for metrics.
+    role: String,
     cfg: DispatchConfig,
     routes: Routes,
     retry_delays: Vec<Duration>,
@@ -196,9 +198,10 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         let limit = |p: &Provider| cfg.limits.get(p.name()).unwrap_or(&cfg.default_limit).clone();
         Ok(Engine {
             channel: channel.to_string(),
+            role: format!("dispatch-{channel}"),
             breakers: Breakers::new(all.iter().copied(), cfg.breaker_failures, cfg.breaker_open_for, cfg.breaker_unhealthy_for),
             limits: all.iter().map(|p| (*p, { let l = limit(p); Limiter::new(l.concurrency, l.rate_per_sec) })).collect(),
-            writer: Writer::start(store.clone(), Duration::from_millis(cfg.write_interval_ms), cfg.write_max_rows),
+            writer: Writer::start(store.clone(), format!("dispatch-{channel}"), Duration::from_millis(cfg.write_interval_ms), cfg.write_max_rows),
             routes,
             retry_delays,
             store,
@@ -264,8 +267,22 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         }
         if !work.is_empty() {
             let ids: Vec<&str> = work.iter().map(|(_, _, d)| d.delivery_id.as_str()).collect();
-            let (found, ()) = tokio::try_join!(self.store.sent_of(&ids), self.read_foreign_ranges(&work)).map_err(|e| StageError::Retryable(e.to_string()))?;
-            self.store.put_inflight(&self.ranges(&work, &found)).await.map_err(|e| StageError::Retryable(e.to_string()))?;
+            let read = async {
+                let (found, ()) = tokio::try_join!(self.store.sent_of(&ids), self.read_foreign_ranges(&work))?;
+                self.store.put_inflight(&self.ranges(&work, &found)).await?;
+                Ok::<_, crate::store::StoreError>(found)
+            };
+            let found = match read.await {
+                Ok(found) => {
+                    events::waiting(&self.role, "store", false);
+                    found
+                }
+                // Nothing sent yet: the batch is tried again once the store answers.
+                Err(e) => {
+                    events::waiting(&self.role, "store", true);
+                    return Err(StageError::Retryable(format!("the store: {e}")));
+                }
+            };
             let foreign = self.foreign.lock().unwrap().clone();
             let uncertain = |pos: &Pos| foreign.get(&(pos.topic.clone(), pos.partition)).is_some_and(|(first, last)| (*first..=*last).contains(&pos.offset));
             // Higher priority first; the stable sort keeps offset order within a priority.

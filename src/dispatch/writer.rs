@@ -40,9 +40,10 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer task on `store`.
-    pub fn start<S: DispatchStore>(store: Arc<S>, interval: Duration, max_rows: usize) -> Writer {
+    /// `role` labels the `herald_waiting{dependency="store"}` gauge while writes fail.
+    pub fn start<S: DispatchStore>(store: Arc<S>, role: String, interval: Duration, max_rows: usize) -> Writer {
         let inner = Arc::new(Inner { queue: Mutex::new(Queue { rows: Vec::new(), done: Vec::new(), since: None }), wake: Notify::new(), max_rows: max_rows.max(1) });
-        tokio::spawn(flush_loop(inner.clone(), store, interval));
+        tokio::spawn(flush_loop(inner.clone(), store, role, interval));
         Writer { inner }
     }
 
@@ -78,7 +79,8 @@ impl Writer {
     }
 }
 
-async fn flush_loop<S: DispatchStore>(inner: Arc<Inner>, store: Arc<S>, interval: Duration) {
+async fn flush_loop<S: DispatchStore>(inner: Arc<Inner>, store: Arc<S>, role: String, interval: Duration) {
+    let role: Arc<str> = role.into();
     let slots = Arc::new(Semaphore::new(FLUSHES_IN_FLIGHT));
     loop {
         // Wait for a first write, then until the group is `interval` old or full.
@@ -108,9 +110,9 @@ async fn flush_loop<S: DispatchStore>(inner: Arc<Inner>, store: Arc<S>, interval
             q.since = if q.rows.is_empty() { None } else { Some(Instant::now()) };
             (rows, done)
         };
-        let store = store.clone();
+        let (store, role) = (store.clone(), role.clone());
         tokio::spawn(async move {
-            write_until_done(store.as_ref(), &rows).await;
+            write_until_done(store.as_ref(), &role, &rows).await;
             for d in done {
                 let _ = d.send(());
             }
@@ -120,7 +122,7 @@ async fn flush_loop<S: DispatchStore>(inner: Arc<Inner>, store: Arc<S>, interval
 }
 
 /// Writes `rows`, again and again with backoff until the store takes them.
-async fn write_until_done<S: DispatchStore>(store: &S, rows: &[Write]) {
+async fn write_until_done<S: DispatchStore>(store: &S, role: &str, rows: &[Write]) {
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
@@ -130,14 +132,14 @@ async fn write_until_done<S: DispatchStore>(store: &S, rows: &[Write]) {
                 events::dispatch_flush(rows.len(), started.elapsed().as_secs_f64());
                 if failures > 0 {
                     tracing::info!(rows = rows.len(), failures, "store writes went through after retrying");
-                    events::waiting("dispatch", "store", false);
+                    events::waiting(role, "store", false);
                 }
                 tracing::debug!(rows = rows.len(), write_ms = started.elapsed().as_millis() as u64, "dispatch writes durable");
                 return;
             }
             Err(e) => {
                 failures += 1;
-                events::waiting("dispatch", "store", true);
+                events::waiting(role, "store", true);
                 tracing::warn!(error = %e, rows = rows.len(), failures, ?backoff, "store writes failed; writing them again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -174,7 +176,7 @@ mod tests {
     #[tokio::test]
     async fn writes_are_grouped_and_retried_until_the_store_takes_them() {
         let store = Arc::new(MemoryStore::default());
-        let w = Writer::start(store.clone(), Duration::from_millis(20), 100);
+        let w = Writer::start(store.clone(), "test".into(), Duration::from_millis(20), 100);
         store.fail_writes(2);
         let tickets: Vec<Durable> = (0..10).map(|i| w.put(log_row(i))).collect();
         tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(tickets)).await.expect("durable after the failures");
@@ -187,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_outage_is_waited_out() {
         let store = Arc::new(MemoryStore::default());
-        let w = Writer::start(store.clone(), Duration::from_millis(5), 100);
+        let w = Writer::start(store.clone(), "test".into(), Duration::from_millis(5), 100);
         store.set_down(true);
         let t = w.put(log_row(1));
         assert!(tokio::time::timeout(Duration::from_millis(300), t.clone()).await.is_err(), "not durable while the store is down");
@@ -198,7 +200,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_group_is_written_before_the_interval() {
         let store = Arc::new(MemoryStore::default());
-        let w = Writer::start(store.clone(), Duration::from_secs(30), 4);
+        let w = Writer::start(store.clone(), "test".into(), Duration::from_secs(30), 4);
         let tickets: Vec<Durable> = (0..4).map(|i| w.put(log_row(i))).collect();
         tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(tickets)).await.expect("written when full");
     }

@@ -239,7 +239,7 @@ pub async fn run<P: Processor>(
             Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
         };
         let committing = std::time::Instant::now();
-        match commit_batch(&consumer, &producer, &batch, &result, timeout, &shutdown).await {
+        match commit_batch(&consumer, &producer, &batch, &result, timeout, settings.role, &shutdown).await {
             Ok(()) => {
                 tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
                 events::waiting(settings.role, "kafka", false);
@@ -323,7 +323,7 @@ async fn recover(
 ) -> Result<Option<FutureProducer>, BusError> {
     let fatal = matches!(error, KafkaError::Transaction(t) if t.is_fatal());
     if !fatal {
-        match retrying(|| producer.abort_transaction(timeout), timeout * 2, shutdown).await {
+        match retrying(settings.role, || producer.abort_transaction(timeout.min(STEP_TIMEOUT)), timeout * 2, shutdown).await {
             Ok(()) => return Ok(Some(producer)),
             Err(e) => tracing::warn!(error = %e, "abort failed; replacing the producer (initialising transactions fences the old one)"),
         }
@@ -332,13 +332,17 @@ async fn recover(
     transactional_producer(cfg, settings, timeout, shutdown).await
 }
 
+/// How long one call of a transaction step may block before it is made again.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Calls a blocking transaction step again while it fails with a retriable error, for at
 /// most `within` (or until shutdown).
-async fn retrying(mut f: impl FnMut() -> Result<(), KafkaError>, within: Duration, shutdown: &CancellationToken) -> Result<(), KafkaError> {
+async fn retrying(role: &str, mut f: impl FnMut() -> Result<(), KafkaError>, within: Duration, shutdown: &CancellationToken) -> Result<(), KafkaError> {
     let started = std::time::Instant::now();
     loop {
         match blocking(&mut f) {
             Err(KafkaError::Transaction(t)) if t.is_retriable() && started.elapsed() < within && !shutdown.is_cancelled() => {
+                events::waiting(role, "kafka", true);
                 tracing::debug!(error = %t, "transaction step failed (retriable); calling it again");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -411,8 +415,8 @@ async fn collect(
     let mut batch = match first {
         Ok(m) => vec![m.detach()],
         Err(e) => {
+            // No sleep: errors queued during an outage are drained at once when it ends.
             consume_error(settings, &e);
-            tokio::time::sleep(Duration::from_millis(200)).await;
             return None;
         }
     };
@@ -460,6 +464,7 @@ async fn commit_batch(
     batch: &[OwnedMessage],
     result: &BatchResult,
     timeout: Duration,
+    role: &str,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaError> {
     producer.begin_transaction()?;
@@ -495,8 +500,10 @@ async fn commit_batch(
         .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
     // A retriable error here (the broker is away, a request timed out) leaves the
     // transaction open: the same call is made again until it goes through or gives up.
-    retrying(|| producer.send_offsets_to_transaction(&offsets, &metadata, timeout), timeout * 2, shutdown).await?;
-    retrying(|| producer.commit_transaction(timeout), timeout * 2, shutdown).await
+    // Short calls, made again: a call that waits out a whole outage says nothing meanwhile.
+    let step = timeout.min(STEP_TIMEOUT);
+    retrying(role, || producer.send_offsets_to_transaction(&offsets, &metadata, step), timeout * 2, shutdown).await?;
+    retrying(role, || producer.commit_transaction(step), timeout * 2, shutdown).await
 }
 
 /// Per partition in the batch: the offset to commit (after the last record, or the held one).
