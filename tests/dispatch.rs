@@ -408,3 +408,36 @@ async fn higher_priority_goes_first_when_backlogged() {
     }
     assert!(earlier <= 1, "{earlier} low-priority deliveries were sent before the high-priority one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notification_log_shows_what_the_dispatcher_sent() {
+    let h = harness("").await;
+    h.env.spawn("router", &["router"]);
+    h.env.spawn("dispatch-email", &["dispatch", "--channel", "email"]);
+    let user = unique("logu");
+    h.env.user(&user, true, false, &[], None).await;
+    let req = herald::model::NotificationRequested {
+        event_id: unique("evt"),
+        occurred_at: now_ms(),
+        source: "dispatch-test".into(),
+        user_id: user.clone(),
+        category: "billing".into(),
+        template_id: "bill_due".into(),
+        params: [("amount".to_string(), "3.00".to_string())].into(),
+        channels: Some(vec!["email".into()]),
+        priority: Priority::Normal,
+        locale: None,
+        expires_at: None,
+    };
+    h.env.send(&req).await;
+    let os = h.env.wait_outcomes(&req.event_id, WAIT, has("sent")).await;
+    let sent = os.iter().find(|o| o.status == "sent").unwrap();
+    // The dispatcher writes no log row for `sent`: its sent-log row is the entry.
+    let log = h.env.store.log(&req.event_id).await.unwrap();
+    let entry = log.iter().find(|r| r.status == "sent").unwrap_or_else(|| panic!("no sent entry in {log:?}"));
+    assert_eq!(entry.outcome_id, sent.outcome_id, "the same id as the outcome on Kafka");
+    assert_eq!((entry.provider.as_deref(), entry.provider_message_id.as_deref()), (Some("sendgrid"), sent.provider_message_id.as_deref()));
+    assert_eq!(entry.recorded_at.timestamp_millis(), sent.occurred_at);
+    assert!(log.iter().any(|r| r.status == "routed"), "{log:?}");
+    assert_eq!(log.iter().filter(|r| r.status == "sent").count(), 1);
+}

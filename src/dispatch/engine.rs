@@ -25,7 +25,7 @@
 //!    of the route is open, the partition is held at that record until the first probe is
 //!    due: no attempt is spent, and nothing waits longer than the cool-down.
 //! 5. **Group commit.** An accepted send is handed at once to the [`Writer`], which writes
-//!    sent records (and the batch's log rows) at most `write_interval_ms` after they were
+//!    sent records (each also the delivery's `sent` log entry) and the batch's other log rows at most `write_interval_ms` after they were
 //!    queued and retries until the store takes them. The batch's result is returned only
 //!    when all its writes are durable (webhooks and tracking must find the delivery before
 //!    its `sent` outcome is out); if that takes longer than `durable_wait_ms` the batch is
@@ -385,9 +385,13 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         let mut out = Decision { emits: Vec::new(), durable: Vec::new() };
         if let Some(s) = found {
             // Sent before (by a process that stopped, or a replay): say so again, send nothing.
+            // (Its log entry is the sent-log row itself.)
             let mut o = self.outcome(pos, d, "sent");
             (o.provider, o.provider_message_id, o.latency_ms, o.attempt, o.occurred_at) = (Some(s.provider.clone()), Some(s.provider_message_id.clone()), s.latency_ms, s.attempt, s.sent_at);
-            self.emit(o, &mut out);
+            if !s.outcome_id.is_empty() {
+                o.outcome_id = s.outcome_id.clone();
+            }
+            self.announce(o, &mut out);
             return Step::Decided(out);
         }
         if d.deadline <= now_ms() {
@@ -438,6 +442,7 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         };
         match plan::next(&class, d.attempt, &self.retry_delays, jitter, failover) {
             Next::Sent { message_id } => {
+                let mut o = with_provider(self.outcome(pos, d, "sent"));
                 let sent = SentRecord {
                     delivery_id: d.delivery_id.clone(),
                     event_id: d.event_id.clone(),
@@ -448,12 +453,13 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
                     provider_message_id: message_id.clone(),
                     attempt: d.attempt,
                     latency_ms: Some(latency),
-                    sent_at: now_ms(),
+                    sent_at: o.occurred_at,
+                    outcome_id: o.outcome_id.clone(),
                 };
-                let mut o = with_provider(self.outcome(pos, d, "sent"));
-                (o.provider_message_id, o.occurred_at) = (Some(message_id), sent.sent_at);
+                o.provider_message_id = Some(message_id);
+                // The sent-log row is also the `sent` entry of the notification log.
                 out.durable.push(self.writer.put(Write::Sent(sent)));
-                self.emit(o, &mut out);
+                self.announce(o, &mut out);
             }
             Next::Deactivate { reason } => {
                 let w = match (d.channel.as_str(), &d.device_id) {
@@ -555,8 +561,13 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
 
     /// Emits an outcome: on Kafka, in the notification log (through the writer), counted.
     fn emit(&self, o: DeliveryOutcome, out: &mut Decision) {
-        events::outcome(o.channel.as_deref().unwrap_or("-"), o.provider.as_deref().unwrap_or("-"), &o.status);
         out.durable.push(self.writer.put(Write::Log(o.clone())));
+        self.announce(o, out);
+    }
+
+    /// An outcome on Kafka and in the metrics, whose log entry is written otherwise.
+    fn announce(&self, o: DeliveryOutcome, out: &mut Decision) {
+        events::outcome(o.channel.as_deref().unwrap_or("-"), o.provider.as_deref().unwrap_or("-"), &o.status);
         out.emits.push(Emit::Outcome(o));
     }
 }

@@ -9,25 +9,8 @@ use std::sync::Arc;
 use scylla::statement::prepared::PreparedStatement;
 
 use crate::model::DeliveryOutcome;
-use crate::store::{bounded, log_values, query_err, write_grouped, Row, Store, StoreError, IN_CHUNK};
-
-/// A delivery the provider accepted: the sent-log entry, and what webhooks and tracking
-/// need to find the delivery again from the provider's message id or the delivery id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentRecord {
-    pub delivery_id: String,
-    pub event_id: String,
-    pub user_id: String,
-    pub channel: String,
-    pub category: String,
-    /// `apns` | `fcm` | `twilio` | `vonage` | `sendgrid` | `mandrill`.
-    pub provider: String,
-    pub provider_message_id: String,
-    pub attempt: i32,
-    pub latency_ms: Option<i64>,
-    /// Epoch milliseconds; also the `occurred_at` of its `sent` outcome.
-    pub sent_at: i64,
-}
+pub use crate::store::SentRecord;
+use crate::store::{log_values, query_err, write_grouped, Row, Store, StoreError};
 
 /// The offsets of one partition a dispatcher process had in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +26,10 @@ pub struct InflightRange {
 /// One write the dispatcher hands to its group-commit writer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// The sent-log entry of an accepted delivery (also what webhooks and tracking read).
+    /// The sent-log entry of an accepted delivery (also its `sent` log entry and what
+    /// webhooks and tracking read).
     Sent(SentRecord),
-    /// A row of the notification log.
+    /// A row of the notification log (every outcome but `sent`).
     Log(DeliveryOutcome),
     /// A push device whose token the provider called dead.
     DeviceInactive { user_id: String, device_id: String },
@@ -71,7 +55,6 @@ pub trait DispatchStore: Send + Sync + 'static {
 /// delivery in the dispatch bench). Writes go in unlogged batches of a few rows.
 pub struct CqlDispatchStore {
     store: Arc<Store>,
-    sent_in: PreparedStatement,
     put_delivery_ref: PreparedStatement,
     inflight_in: PreparedStatement,
     put_inflight: PreparedStatement,
@@ -90,8 +73,7 @@ impl CqlDispatchStore {
             }
         };
         Ok(CqlDispatchStore {
-            sent_in: p(format!("SELECT delivery_id, event_id, user_id, channel, category, provider, provider_message_id, attempt, latency_ms, sent_at FROM {ks}.deliveries_by_id WHERE delivery_id IN ?")).await?,
-            put_delivery_ref: p(format!("INSERT INTO {ks}.deliveries_by_id (delivery_id, event_id, user_id, channel, category, provider, provider_message_id, attempt, latency_ms, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            put_delivery_ref: p(format!("INSERT INTO {ks}.deliveries_by_id (delivery_id, event_id, user_id, channel, category, provider, provider_message_id, attempt, latency_ms, sent_at, outcome_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             inflight_in: p(format!("SELECT topic, partition, owner, first_offset, last_offset FROM {ks}.dispatch_inflight WHERE topic = ? AND partition IN ?")).await?,
             put_inflight: p(format!("INSERT INTO {ks}.dispatch_inflight (topic, partition, owner, first_offset, last_offset, updated_at) VALUES (?, ?, ?, ?, ?, toTimestamp(now()))")).await?,
             store,
@@ -103,40 +85,9 @@ fn at(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).unwrap_or_else(chrono::Utc::now)
 }
 
-type SentRow = (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i32>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>);
-
 impl DispatchStore for CqlDispatchStore {
     async fn sent_of(&self, delivery_ids: &[&str]) -> Result<HashMap<String, SentRecord>, StoreError> {
-        let chunks: Vec<&[&str]> = delivery_ids.chunks(IN_CHUNK).collect();
-        let session = &self.store.session;
-        let found = bounded(&chunks, |ids| async move {
-            let r = session.execute_unpaged(&self.sent_in, (ids,)).await.map_err(|e| query_err("sent-log", e))?;
-            let rows = r.into_rows_result().map_err(|e| query_err("sent-log", e))?;
-            rows.rows::<SentRow>()
-                .map_err(|e| query_err("sent-log", e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| query_err("sent-log", e))
-        })
-        .await?;
-        Ok(found
-            .into_iter()
-            .flatten()
-            .map(|(delivery_id, event_id, user_id, channel, category, provider, message_id, attempt, latency_ms, sent_at)| {
-                let record = SentRecord {
-                    delivery_id: delivery_id.clone(),
-                    event_id: event_id.unwrap_or_default(),
-                    user_id: user_id.unwrap_or_default(),
-                    channel: channel.unwrap_or_default(),
-                    category: category.unwrap_or_default(),
-                    provider: provider.unwrap_or_default(),
-                    provider_message_id: message_id.unwrap_or_default(),
-                    attempt: attempt.unwrap_or(0),
-                    latency_ms,
-                    sent_at: sent_at.map(|t| t.timestamp_millis()).unwrap_or(0),
-                };
-                (delivery_id, record)
-            })
-            .collect())
+        Ok(self.store.sent_log(delivery_ids).await?.into_iter().map(|r| (r.delivery_id.clone(), r)).collect())
     }
 
     async fn write(&self, rows: &[Write]) -> Result<(), StoreError> {
@@ -145,9 +96,10 @@ impl DispatchStore for CqlDispatchStore {
             .iter()
             .map(|w| -> Vec<Row<'_>> {
                 match w {
-                    Write::Sent(r) => vec![
-                        (&self.put_delivery_ref, Box::new((&r.delivery_id, &r.event_id, &r.user_id, &r.channel, &r.category, &r.provider, &r.provider_message_id, r.attempt, r.latency_ms, at(r.sent_at)))),
-                    ],
+                    Write::Sent(r) => vec![(
+                        &self.put_delivery_ref,
+                        Box::new((&r.delivery_id, &r.event_id, &r.user_id, &r.channel, &r.category, &r.provider, &r.provider_message_id, r.attempt, r.latency_ms, at(r.sent_at), &r.outcome_id)),
+                    )],
                     Write::Log(o) => vec![(&s.put_log, Box::new(log_values(o, None)))],
                     Write::DeviceInactive { user_id, device_id } => vec![(&s.deactivate_device, Box::new((user_id, device_id)))],
                     Write::ContactInactive { user_id, channel } => {

@@ -148,6 +148,26 @@ pub struct ContactHealth {
     pub phone_active: Option<bool>,
 }
 
+/// A delivery the provider accepted: its sent-log row (`deliveries_by_id`), which is also
+/// its `sent` entry in the notification log and what webhooks and tracking look it up in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRecord {
+    pub delivery_id: String,
+    pub event_id: String,
+    pub user_id: String,
+    pub channel: String,
+    pub category: String,
+    /// `apns` | `fcm` | `twilio` | `vonage` | `sendgrid` | `mandrill`.
+    pub provider: String,
+    pub provider_message_id: String,
+    pub attempt: i32,
+    pub latency_ms: Option<i64>,
+    /// Epoch milliseconds; also the `occurred_at` of its `sent` outcome.
+    pub sent_at: i64,
+    /// The id of its `sent` outcome (empty for rows written before migration 009).
+    pub outcome_id: String,
+}
+
 /// One device of a user.
 #[derive(Debug, Clone, PartialEq, Eq, DeserializeRow, SerializeRow)]
 pub struct Device {
@@ -359,6 +379,8 @@ pub struct Store {
     devices_in: PreparedStatement,
     preferences_in: PreparedStatement,
     pub(crate) put_log: PreparedStatement,
+    /// The sent-log (`deliveries_by_id`) of many deliveries; shared with the dispatcher's store.
+    pub(crate) sent_in: PreparedStatement,
     log_of: PreparedStatement,
     throttle_hits_of_users: PreparedStatement,
     put_throttle_hit: PreparedStatement,
@@ -467,6 +489,7 @@ impl Store {
             devices_in: p("SELECT user_id, device_id, platform, push_token, app_id, active FROM devices WHERE user_id IN ?").await?,
             preferences_in: p("SELECT user_id, channel, category, opt_in FROM preferences WHERE user_id IN ?").await?,
             put_log: p("INSERT INTO notification_log (event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
+            sent_in: p("SELECT delivery_id, event_id, user_id, channel, category, provider, provider_message_id, attempt, latency_ms, sent_at, outcome_id FROM deliveries_by_id WHERE delivery_id IN ?").await?,
             log_of: p("SELECT event_id, recorded_at, outcome_id, delivery_id, user_id, category, channel, provider, status, reason, provider_message_id, attempt, source FROM notification_log WHERE event_id = ?").await?,
             throttle_hits_of_users: p("SELECT user_id, channel, event_id, at FROM throttle_hits_by_user WHERE user_id IN ? AND category = ?").await?,
             put_throttle_hit: p("INSERT INTO throttle_hits_by_user (user_id, category, channel, event_id, at) VALUES (?, ?, ?, ?, ?) USING TTL ?").await?,
@@ -705,11 +728,62 @@ impl Store {
         Ok(())
     }
 
-    /// Every outcome recorded for an event, oldest first.
+    /// Every outcome recorded for an event, oldest first: its notification-log rows, and
+    /// the `sent` entry of each delivery they name (the router's `routed` rows name every
+    /// delivery), which is the delivery's sent-log row (`deliveries_by_id`, migration 009).
     pub async fn log(&self, event_id: &str) -> Result<Vec<LogEntry>, StoreError> {
         let mut rows: Vec<LogEntry> = self.rows(&self.log_of, (event_id,), "notification log").await?;
+        let mut deliveries: Vec<&str> = rows.iter().filter_map(|r| r.delivery_id.as_deref()).collect();
+        deliveries.sort();
+        deliveries.dedup();
+        let sent = self.sent_log(&deliveries).await?;
+        let logged: std::collections::HashSet<&str> = rows.iter().map(|r| r.outcome_id.as_str()).collect();
+        let mut add: Vec<LogEntry> = sent
+            .into_iter()
+            .filter(|s| s.event_id == event_id && !logged.contains(s.outcome_id.as_str()))
+            .map(|s| LogEntry {
+                event_id: s.event_id,
+                recorded_at: chrono::DateTime::<chrono::Utc>::from_timestamp_millis(s.sent_at).unwrap_or_default(),
+                outcome_id: s.outcome_id,
+                delivery_id: Some(s.delivery_id),
+                user_id: Some(s.user_id),
+                category: Some(s.category),
+                channel: Some(s.channel),
+                provider: Some(s.provider),
+                status: "sent".into(),
+                reason: None,
+                provider_message_id: Some(s.provider_message_id),
+                attempt: Some(s.attempt),
+                source: None,
+            })
+            .collect();
+        rows.append(&mut add);
         rows.sort_by(|a, b| (a.recorded_at, &a.outcome_id).cmp(&(b.recorded_at, &b.outcome_id)));
         Ok(rows)
+    }
+
+    /// The sent-log rows of `delivery_ids` (absent ids have none).
+    pub async fn sent_log(&self, delivery_ids: &[&str]) -> Result<Vec<SentRecord>, StoreError> {
+        type SentRow = (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i32>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>, Option<String>);
+        let chunks: Vec<&[&str]> = delivery_ids.chunks(IN_CHUNK).collect();
+        let found = bounded(&chunks, |ids| async move { self.rows::<SentRow, _>(&self.sent_in, (ids,), "sent-log").await }).await?;
+        Ok(found
+            .into_iter()
+            .flatten()
+            .map(|(delivery_id, event_id, user_id, channel, category, provider, message_id, attempt, latency_ms, sent_at, outcome_id)| SentRecord {
+                delivery_id,
+                event_id: event_id.unwrap_or_default(),
+                user_id: user_id.unwrap_or_default(),
+                channel: channel.unwrap_or_default(),
+                category: category.unwrap_or_default(),
+                provider: provider.unwrap_or_default(),
+                provider_message_id: message_id.unwrap_or_default(),
+                attempt: attempt.unwrap_or(0),
+                latency_ms,
+                sent_at: sent_at.map(|t| t.timestamp_millis()).unwrap_or(0),
+                outcome_id: outcome_id.unwrap_or_default(),
+            })
+            .collect())
     }
 
     /// Marks a user's email (`channel = "email"`) or phone (`"sms"`) as working or dead.
