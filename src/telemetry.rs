@@ -97,6 +97,9 @@ pub mod events {
     pub const API_REQUEST_SECONDS: &str = "herald_api_request_duration_seconds";
     pub const API_AUTH_FAILURES: &str = "herald_api_auth_failures_total";
     pub const API_RATE_LIMITED: &str = "herald_api_rate_limited_total";
+    pub const API_CONNECTIONS: &str = "herald_api_connections_total";
+    pub const API_CONNECTIONS_OPEN: &str = "herald_api_connections_open";
+    pub const API_CONNECTIONS_FULL: &str = "herald_api_connections_full_total";
     pub const API_WEBHOOK_REJECTED: &str = "herald_api_webhook_rejected_total";
     pub const API_WEBHOOK_UNMATCHED: &str = "herald_api_webhook_unmatched_total";
     pub const API_TRACKING: &str = "herald_api_tracking_hits_total";
@@ -123,6 +126,9 @@ pub mod events {
         describe_histogram!(API_REQUEST_SECONDS, "HTTP API request duration, by route template.");
         describe_counter!(API_AUTH_FAILURES, "Refused API signatures, by reason (stable error code).");
         describe_counter!(API_RATE_LIMITED, "API requests refused with 429.");
+        describe_counter!(API_CONNECTIONS, "API connections opened and ended, by event (opened, closed, idle_timeout, header_timeout, error, dropped).");
+        describe_gauge!(API_CONNECTIONS_OPEN, "API connections open now.");
+        describe_counter!(API_CONNECTIONS_FULL, "Times api.max_connections was reached (new connections waited in the listen backlog).");
         describe_counter!(API_WEBHOOK_REJECTED, "Provider webhooks refused for their signature, by provider and reason.");
         describe_counter!(API_WEBHOOK_UNMATCHED, "Webhook events whose message matched no known delivery, by provider.");
         describe_counter!(API_TRACKING, "Tracking pixel and click hits, by result (opened, clicked, invalid, unmatched).");
@@ -198,6 +204,22 @@ pub mod events {
     /// A signature refused (`reason` is the stable error code).
     pub fn api_auth_failure(reason: &'static str) {
         counter!(API_AUTH_FAILURES, "reason" => reason).increment(1);
+    }
+
+    /// A connection of the API opened or ended (`how`: `opened`, `closed`, `idle_timeout`,
+    /// `header_timeout`, `error`, `dropped`).
+    pub fn api_connection(how: &'static str) {
+        counter!(API_CONNECTIONS, "event" => how).increment(1);
+        match how {
+            "opened" => gauge!(API_CONNECTIONS_OPEN).increment(1.0),
+            "idle_timeout" => {}
+            _ => gauge!(API_CONNECTIONS_OPEN).decrement(1.0),
+        }
+    }
+
+    /// `api.max_connections` was reached: a new connection waits in the listen backlog.
+    pub fn api_connections_full() {
+        counter!(API_CONNECTIONS_FULL).increment(1);
     }
 
     pub fn api_rate_limited() {

@@ -130,6 +130,7 @@ impl Api {
 listen = "127.0.0.1:{port}"
 public_base_url = "http://127.0.0.1:{port}"
 max_body_bytes = 16384
+webhook_max_body_bytes = 65536
 # Long cache lifetimes: rotations and revocations by `herald apps` (another process) must
 # reach the API through the changes topic, not by expiry.
 app_cache_ttl = "1h"
@@ -202,6 +203,8 @@ async fn api_paths() {
         tracking_open_and_click(&api),
         twilio_and_vonage_webhooks(&api),
         sendgrid_and_mandrill_webhooks(&api),
+        every_rejection_is_a_json_error(&api),
+        slow_and_idle_connections_are_closed(&api),
     );
     let log = api.env.log("api") + &api.env.log("api2");
     for secret in [api.admin.secret.as_str(), "tw-test-token", "md-test-key", "vn-test-secret"] {
@@ -808,4 +811,146 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
     assert_eq!(os[0].reason.as_deref(), Some("bad_mailbox"));
     assert_eq!(answer(post("AAAA".into()).await.unwrap()).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(api.http.head(&url).send().await.unwrap().status(), StatusCode::OK);
+}
+
+/// Every answer herald makes is its JSON error, the HTTP layer's rejections included.
+async fn every_rejection_is_a_json_error(api: &Api) {
+    let c = &api.admin;
+    let json_error = |a: &Answer, status: StatusCode, code: &str| {
+        assert_eq!((a.status, a.code()), (status, code), "{a:?}");
+        assert!(a.headers["content-type"].to_str().unwrap().starts_with("application/json"), "{:?}", a.headers);
+        assert!(!a.body["error"]["message"].as_str().unwrap_or("").is_empty(), "{a:?}");
+    };
+    // A path segment that is not UTF-8 (signed, so it reaches the handler's extractor).
+    let a = c.call("GET", "/v1/users/%FF%FE", None).await;
+    json_error(&a, StatusCode::BAD_REQUEST, "bad_request");
+    // Too large: a signed body, and a webhook body beyond webhooks' own limit.
+    let a = c.raw("POST", "/v1/notifications", vec![b' '; 20_000], Some("application/json"), chrono::Utc::now().timestamp(), Some(&nonce()), |_| {}).await;
+    json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let big = api.http.post(format!("{}/webhooks/sendgrid", api.base)).header("content-type", "application/json").body(vec![b'['; 70_000]);
+    json_error(&answer(big.send().await.unwrap()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    // A webhook body sent chunked (no length declared) is bounded too.
+    let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![b' '; 1000])))));
+    let a = answer(api.http.post(format!("{}/webhooks/mandrill", api.base)).body(reqwest::Body::wrap(http_body_util::StreamBody::new(chunks))).send().await.unwrap()).await;
+    json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    // A long request target, and large headers.
+    let a = answer(api.http.get(format!("{}/healthz?{}", api.base, "x".repeat(10_000))).send().await.unwrap()).await;
+    json_error(&a, StatusCode::URI_TOO_LONG, "uri_too_long");
+    let a = answer(api.http.get(format!("{}/healthz", api.base)).header("x-big", "y".repeat(40_000)).send().await.unwrap()).await;
+    json_error(&a, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large");
+    let mut many = api.http.get(format!("{}/healthz", api.base));
+    for i in 0..150 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    json_error(&answer(many.send().await.unwrap()).await, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large");
+    // A method the route does not have.
+    let a = answer(api.http.delete(format!("{}/healthz", api.base)).send().await.unwrap()).await;
+    json_error(&a, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+}
+
+/// Slow-loris connections (idle, a partial request line, headers or a body sent a byte at a
+/// time, an idle keep-alive) are closed by the API's timeouts while good requests are served;
+/// beyond `max_connections`, a connection waits until one closes.
+async fn slow_and_idle_connections_are_closed(api: &Api) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    api.env.spawn_env(
+        "api-slow",
+        &["api"],
+        &[
+            ("HERALD__API__LISTEN", listen.as_str()),
+            ("HERALD__API__HEADER_READ_TIMEOUT", "2s"),
+            ("HERALD__API__BODY_READ_TIMEOUT", "2s"),
+            ("HERALD__API__IDLE_TIMEOUT", "3s"),
+            ("HERALD__API__MAX_CONNECTIONS", "8"),
+        ],
+    );
+    let base = format!("http://{listen}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while api.http.get(format!("{base}/healthz")).send().await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
+        assert!(std::time::Instant::now() < deadline, "api-slow did not come up:\n{}", common::env::tail(&api.env.log("api-slow"), 30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Each slow client writes `first`, then one byte of `trickle` every 300 ms, and reports
+    // how long the server took to close the connection, and what it answered.
+    async fn slow(listen: String, first: &'static [u8], trickle: &'static [u8]) -> (Duration, String) {
+        let started = std::time::Instant::now();
+        let mut s = TcpStream::connect(&listen).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            if trickle.is_empty() {
+                // Hold the write half open (dropping it would send a FIN).
+                std::future::pending::<()>().await;
+            }
+            for b in trickle.iter().cycle() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if wr.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        writer.abort();
+        assert!(closed.is_ok(), "the server kept a slow connection open for 30 s ({first:?})");
+        (started.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    }
+    let good = {
+        let (http, base) = (reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(), base.clone());
+        tokio::spawn(async move {
+            let mut served = 0;
+            for _ in 0..20 {
+                let r = http.get(format!("{base}/healthz")).timeout(Duration::from_secs(5)).send().await;
+                assert_eq!(r.map(|r| r.status()).ok(), Some(StatusCode::OK), "a good request failed while slow clients were connected");
+                served += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            served
+        })
+    };
+    let l = || listen.clone();
+    let (idle, line, headers, body, keepalive) = tokio::join!(
+        slow(l(), b"", b""),
+        slow(l(), b"GET /heal", b""),
+        slow(l(), b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"abcdefgh"),
+        slow(l(), b"POST /webhooks/sendgrid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[", b" "),
+        slow(l(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+    );
+    assert_eq!(good.await.unwrap(), 20);
+    println!("slow clients closed after: idle {:?}, partial line {:?}, slow headers {:?}, slow body {:?}, idle keep-alive {:?}", idle.0, line.0, headers.0, body.0, keepalive.0);
+    for (what, (took, _)) in [("idle", &idle), ("partial request line", &line), ("slow headers", &headers)] {
+        let took = *took;
+        assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(6), "{what}: closed after {took:?} (header_read_timeout 2s)");
+    }
+    assert!(body.0 >= Duration::from_millis(1500) && body.0 < Duration::from_secs(6), "slow body: closed after {:?}", body.0);
+    assert!(body.1.starts_with("HTTP/1.1 408") && body.1.contains("\"request_timeout\""), "slow body answered {:?}", body.1);
+    assert!(keepalive.1.starts_with("HTTP/1.1 200"), "{:?}", keepalive.1);
+    assert!(keepalive.0 >= Duration::from_millis(1500) && keepalive.0 < Duration::from_secs(8), "idle keep-alive: closed after {:?}", keepalive.0);
+    // The cap: 8 idle connections fill it; a 9th is served only once they time out.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(&listen).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let r = api.http.get(format!("{base}/healthz")).timeout(Duration::from_secs(10)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(1000), "served at once ({:?}) beyond max_connections", started.elapsed());
+    drop(held);
+    let m = api.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in ["herald_api_connections_full_total", "herald_api_connections_total{event=\"header_timeout\"}"] {
+        assert!(m.contains(needle), "{needle} missing:\n{m}");
+    }
 }

@@ -44,6 +44,27 @@ pub struct ApiConfig {
     pub replicas: u32,
     /// Largest accepted request body, in bytes (413 above).
     pub max_body_bytes: usize,
+    /// Largest accepted provider webhook body, in bytes (413 above). SendGrid posts event
+    /// batches of up to 768 KB, so the default is 1 MiB.
+    pub webhook_max_body_bytes: usize,
+    /// Longest accepted request target (path and query), in bytes (414 above).
+    pub max_uri_bytes: usize,
+    /// Largest accepted request head: header names and values together, in bytes, and at
+    /// most `max_headers` of them (431 above).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// A connection's request line and headers must have arrived this long after the
+    /// connection opened or its previous answer was sent (HTTP/1), else it is closed.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A request's whole body must have arrived this long after its headers (408 after).
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
+    /// A connection without a request in flight for this long is closed (HTTP/2: GOAWAY).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Connections served at once at most; further ones wait in the listen backlog.
+    pub max_connections: usize,
     /// At most this many template params per request, each value at most
     /// `max_param_bytes`, all keys and values together at most `max_params_total_bytes`.
     pub max_params: usize,
@@ -132,6 +153,14 @@ impl Default for ApiConfig {
             replay_guard: ReplayGuard::Auto,
             replicas: 1,
             max_body_bytes: 256 * 1024,
+            webhook_max_body_bytes: 1024 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
             max_params: 50,
             max_param_bytes: 2048,
             max_params_total_bytes: 16 * 1024,
@@ -182,6 +211,12 @@ impl ApiConfig {
         }
         if self.max_body_bytes < 1024 || self.max_batch == 0 {
             return Err("api.max_body_bytes must be >= 1024 and api.max_batch > 0".into());
+        }
+        if self.webhook_max_body_bytes < 1024 || self.max_uri_bytes < 256 || self.max_header_bytes < 1024 || self.max_headers < 16 {
+            return Err("api.webhook_max_body_bytes and api.max_header_bytes must be >= 1024, api.max_uri_bytes >= 256, api.max_headers >= 16".into());
+        }
+        if self.max_connections == 0 || [self.header_read_timeout, self.body_read_timeout, self.idle_timeout].iter().any(Duration::is_zero) {
+            return Err("api.max_connections and the api timeouts must be above 0".into());
         }
         Ok(())
     }

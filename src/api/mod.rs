@@ -16,6 +16,7 @@
 //! - [`webhooks`]: Twilio, SendGrid, Mailchimp Transactional (Mandrill), Vonage.
 //! - [`outcomes`]: outcome events to Kafka and the notification log.
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
+//! - [`serve`]: the accept loop: connection cap, header-read and idle timeouts, graceful shutdown.
 //! - [`store`]: the API's CQL statements (tables of `cql/005_api.cql`).
 //!
 //! Every error answer is `{"error": {"code": "<stable code>", "message": "…"}}` (plus
@@ -30,6 +31,7 @@ pub mod notifications;
 pub mod openapi;
 pub mod outcomes;
 pub mod ratelimit;
+pub mod serve;
 pub mod store;
 pub mod templates;
 pub mod tracking;
@@ -172,11 +174,14 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     });
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.with_context(|| format!("binding api.listen {}", config.api.listen))?;
     tracing::info!(listen = %config.api.listen, replay_guard = ?config.api.replay_guard(), replicas = config.api.replicas, "herald api listening");
-    // No Nagle: an answer goes out when written, not when the client's ACK comes back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let limits = serve::Limits {
+        header_read_timeout: config.api.header_read_timeout,
+        idle_timeout: config.api.idle_timeout,
+        max_connections: config.api.max_connections,
+        max_head_bytes: (config.api.max_uri_bytes + config.api.max_header_bytes).max(64 * 1024) * 4,
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let served = serve::serve(listener, router(state), limits, shutdown.clone()).await;
     shutdown.cancel();
     follower.await.context("changes follower")?.context("following the changes topic")?;
     served?;
@@ -249,6 +254,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(signed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -323,6 +330,77 @@ async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next)
     }
     parts.extensions.insert(Caller(app));
     Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+}
+
+/// Bounds the request head (414, 431) and reads the body within `body_read_timeout` (408)
+/// and the route's limit (413: `webhook_max_body_bytes` for provider webhooks,
+/// `max_body_bytes` for the rest), before anything else looks at the request.
+async fn read_body(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Result<Response, ApiError> {
+    let cfg = &st.cfg;
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > cfg.max_uri_bytes {
+        return Err(ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", format!("the request target is longer than {} bytes", cfg.max_uri_bytes)));
+    }
+    let head: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+    if head > cfg.max_header_bytes || req.headers().len() > cfg.max_headers {
+        let msg = format!("the request headers are larger than {} bytes or more than {}", cfg.max_header_bytes, cfg.max_headers);
+        return Err(ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", msg));
+    }
+    let limit = if req.uri().path().starts_with("/webhooks/") { cfg.webhook_max_body_bytes } else { cfg.max_body_bytes };
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(cfg.body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let inner = e.into_inner();
+            let over = std::iter::successors(Some(&*inner as &(dyn std::error::Error + 'static)), |e| e.source()).any(|e| e.is::<http_body_util::LengthLimitError>());
+            return Err(if over { ApiError::too_large(limit) } else { ApiError::new(StatusCode::BAD_REQUEST, "unreadable_body", "the request body could not be read") });
+        }
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {}", crate::config::duration::format(&cfg.body_read_timeout));
+            let mut resp = ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", msg).into_response();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
+    };
+    Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+}
+
+/// Turns every error answer that is not herald's JSON error (an extractor's or the HTTP
+/// layer's rejection: a path that is not UTF-8, a missing header, …) into one.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// Counts every answer by route template and status, and times it.
