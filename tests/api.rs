@@ -540,6 +540,22 @@ async fn validation_errors(api: &Api) {
     assert_eq!(a.body["error"]["details"]["fields"][0]["field"], "email");
     let a = c.call("DELETE", "/v1/templates", None).await;
     assert_eq!((a.status, a.code()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    // Ids that look like other ids: bidi overrides, zero-width joiners, isolates.
+    for id in ["v1\u{202E}gnp", "v\u{200D}1", "\u{2066}v1"] {
+        let pq = format!("/v1/users/{}", url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>());
+        let a = c.call("PUT", &pq, Some(json!({ "email": "v@example.com" }))).await;
+        assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")), "{id:?}: {a:?}");
+        let a = post(json!({ "user_id": id, "template_id": "bill_due", "params": { "amount": "1" } })).await;
+        assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")), "{id:?}: {a:?}");
+    }
+    // A NUL byte in a param.
+    let a = post(json!({ "user_id": "u", "template_id": "bill_due", "params": { "amount": "1\u{0}" } })).await;
+    assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("params.amount")), "{a:?}");
+    // Opting out of a category that cannot be opted out of.
+    let a = c.call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": false }] }))).await;
+    assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("preferences[0].opt_in")), "{a:?}");
+    let a = c.call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": true }] }))).await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
 }
 
 async fn rate_limits_answer_429(api: &Api) {

@@ -105,8 +105,8 @@ pub fn check_device(d: &DeviceInput, prefix: &str, errs: &mut Vec<FieldError>) -
     if let Err(e) = validate::push_token(&format!("{prefix}token"), &d.platform, &d.token) {
         errs.push(e);
     }
-    if d.app_id.as_ref().is_some_and(|a| a.is_empty() || a.len() > 255) {
-        errs.push(FieldError::new(format!("{prefix}app_id"), "must be 1-255 characters"));
+    if d.app_id.as_ref().is_some_and(|a| a.is_empty() || a.len() > 255 || !a.chars().all(|c| validate::printable(c) && !c.is_whitespace())) {
+        errs.push(FieldError::new(format!("{prefix}app_id"), "must be 1-255 printable characters without whitespace"));
     }
     (errs.len() == before).then(|| d.clone())
 }
@@ -231,8 +231,12 @@ pub async fn put_preferences(State(st): State<Arc<ApiState>>, Extension(caller):
         if let Err(e) = validate::channel(&format!("preferences[{i}].channel"), &p.channel) {
             errs.push(e);
         }
-        if !st.categories.contains_key(&p.category) {
-            errs.push(FieldError::new(format!("preferences[{i}].category"), "is not a known category"));
+        match st.categories.get(&p.category) {
+            None => errs.push(FieldError::new(format!("preferences[{i}].category"), "is not a known category")),
+            Some(c) if !p.opt_in && !c.opt_out_allowed => {
+                errs.push(FieldError::new(format!("preferences[{i}].opt_in"), format!("category '{}' cannot be opted out of (its notifications are always sent)", p.category)))
+            }
+            Some(_) => {}
         }
     }
     if !errs.is_empty() {

@@ -18,10 +18,56 @@ impl FieldError {
     }
 }
 
-/// User ids, template ids: 1–128 printable characters, no `/`, `?`, `#` or whitespace.
+/// User ids, template ids: 1–128 printable characters, no `/`, `?`, `#`, `%` or whitespace.
 pub fn id(field: &str, v: &str) -> Result<(), FieldError> {
-    let ok = (1..=128).contains(&v.chars().count()) && v.chars().all(|c| !c.is_control() && !c.is_whitespace() && !"/?#%".contains(c));
-    ok.then_some(()).ok_or_else(|| FieldError::new(field, "must be 1-128 printable characters without whitespace, '/', '?', '#' or '%'"))
+    let ok = (1..=128).contains(&v.chars().count()) && v.chars().all(|c| printable(c) && !c.is_whitespace() && !"/?#%".contains(c));
+    ok.then_some(()).ok_or_else(|| FieldError::new(field, "must be 1-128 printable characters without whitespace, '/', '?', '#' or '%' (no control, format or other invisible characters)"))
+}
+
+/// Printable: not a control character, not a Unicode format character (category Cf: bidi
+/// overrides and isolates, zero-width joiners and spaces, the BOM, tags, …), not another
+/// character that renders as nothing (fillers, variation selectors, the combining grapheme
+/// joiner) and not private use. Two ids that look alike are then alike.
+pub fn printable(c: char) -> bool {
+    let u = c as u32;
+    // Unicode 15.1, General_Category = Cf.
+    const FORMAT: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    // Invisible but not Cf: combining grapheme joiner, Hangul and Khmer fillers, variation
+    // selectors; and private use (Co), whose look is anyone's guess.
+    const INVISIBLE: &[(u32, u32)] = &[
+        (0x034F, 0x034F),
+        (0x115F, 0x1160),
+        (0x17B4, 0x17B5),
+        (0x3164, 0x3164),
+        (0xFFA0, 0xFFA0),
+        (0xFE00, 0xFE0F),
+        (0xE0100, 0xE01EF),
+        (0xE000, 0xF8FF),
+        (0xF0000, 0x10FFFF),
+    ];
+    !c.is_control() && !FORMAT.iter().chain(INVISIBLE).any(|&(lo, hi)| (lo..=hi).contains(&u))
 }
 
 /// Client event ids: 1–200 of `[A-Za-z0-9._:@-]`.
@@ -119,6 +165,9 @@ pub fn params(field: &str, p: &HashMap<String, String>, limits: ParamLimits) -> 
         if v.len() > limits.max_value_bytes {
             return Err(FieldError::new(format!("{field}.{k}"), format!("is longer than {} bytes", limits.max_value_bytes)));
         }
+        if let Some(c) = v.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+            return Err(FieldError::new(format!("{field}.{k}"), format!("contains the control character U+{:04X} (only tab, CR and LF are allowed)", c as u32)));
+        }
         total += k.len() + v.len();
     }
     if total > limits.max_total_bytes {
@@ -179,5 +228,18 @@ mod tests {
         assert!(params("params", &p(&[("a", "1"), ("b", "2"), ("c", "3")]), limits).is_err());
         assert!(params("params", &p(&[("aaaa", "1234"), ("bbbb", "1")]), limits).is_err());
         assert!(params("params", &p(&[("bad key", "1")]), limits).is_err());
+        let nul = params("params", &p(&[("a", "x\0y")]), limits).unwrap_err();
+        assert_eq!((nul.field.as_str(), nul.problem.contains("U+0000")), ("params.a", true));
+        assert!(params("params", &p(&[("a", "1\n2\t")]), limits).is_ok());
+    }
+
+    #[test]
+    fn ids_refuse_invisible_and_format_characters() {
+        for bad in ["user\u{202E}gnp.exe", "a\u{200D}b", "\u{2066}x", "x\u{FEFF}", "a\u{00AD}b", "a\u{200B}", "tag\u{E0041}", "a\u{FE0F}", "\u{3164}", "a\u{E000}", "a\u{0007}b", "a\u{0085}"] {
+            assert!(id("user_id", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["jürgen", "用户-42", "user@example.com", "ñandú_1", "Ελένη", "rocket-🚀"] {
+            assert!(id("user_id", good).is_ok(), "{good:?} refused");
+        }
     }
 }
