@@ -97,6 +97,7 @@ pub mod events {
     pub const API_REQUEST_SECONDS: &str = "herald_api_request_duration_seconds";
     pub const API_AUTH_FAILURES: &str = "herald_api_auth_failures_total";
     pub const API_RATE_LIMITED: &str = "herald_api_rate_limited_total";
+    pub const API_WEBHOOK_DUPLICATES: &str = "herald_api_webhook_duplicates_total";
     pub const API_CONNECTIONS: &str = "herald_api_connections_total";
     pub const API_CONNECTIONS_OPEN: &str = "herald_api_connections_open";
     pub const API_CONNECTIONS_FULL: &str = "herald_api_connections_full_total";
@@ -127,6 +128,7 @@ pub mod events {
         describe_counter!(API_AUTH_FAILURES, "Refused API signatures, by reason (stable error code).");
         describe_counter!(API_RATE_LIMITED, "API requests refused with 429.");
         describe_counter!(API_CONNECTIONS, "API connections opened and ended, by event (opened, closed, idle_timeout, header_timeout, error, dropped).");
+        describe_counter!(API_WEBHOOK_DUPLICATES, "Webhook events skipped because they were turned into outcomes before (provider retries, replays), by provider.");
         describe_gauge!(API_CONNECTIONS_OPEN, "API connections open now.");
         describe_counter!(API_CONNECTIONS_FULL, "Times api.max_connections was reached (new connections waited in the listen backlog).");
         describe_counter!(API_WEBHOOK_REJECTED, "Provider webhooks refused for their signature, by provider and reason.");
@@ -231,6 +233,11 @@ pub mod events {
     pub fn webhook_rejected(provider: &'static str, reason: &'static str) {
         tracing::warn!(provider, reason, "webhook signature rejected");
         counter!(API_WEBHOOK_REJECTED, "provider" => provider, "reason" => reason).increment(1);
+    }
+
+    /// Webhook events already turned into outcomes before (a retry or a replay): skipped.
+    pub fn webhook_duplicates(provider: &'static str, n: u64) {
+        counter!(API_WEBHOOK_DUPLICATES, "provider" => provider).increment(n);
     }
 
     pub fn webhook_unmatched(provider: &'static str) {

@@ -742,6 +742,15 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     documented("/webhooks/twilio", "post", &a);
     let os = api.env.wait_outcomes(&event, WAIT, |os| os.iter().any(|o| o.status == "delivered")).await;
     assert_eq!(os[0].provider.as_deref(), Some("twilio"));
+    // Twilio retries a callback it got no answer for: the second emits nothing.
+    let a = answer(post(sig.clone()).await.unwrap()).await;
+    assert_eq!((a.status, a.body["recorded"].as_i64(), a.body["duplicates"].as_i64()), (StatusCode::OK, Some(0), Some(1)), "{a:?}");
+    // Signed, but without the status fields.
+    let bare = [("AccountSid", "AC1")];
+    let bare_sig = url_params_signature(b"tw-test-token", &url, &[("AccountSid".to_string(), "AC1".to_string())]);
+    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-twilio-signature", bare_sig).body(form(&bare)).send().await.unwrap()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"), "{a:?}");
+    documented("/webhooks/twilio", "post", &a);
     let a = answer(post(url_params_signature(b"not-the-token", &url, &owned)).await.unwrap()).await;
     assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "invalid_signature"));
     let metrics = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap().text().await.unwrap();
@@ -764,6 +773,15 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     let tampered = query.replace("status=failed", "status=delivered");
     let a = answer(api.http.get(format!("{}/webhooks/vonage?{tampered}", api.base)).send().await.unwrap()).await;
     assert_eq!(a.code(), "invalid_signature");
+    // A receipt signed an hour ago (longer than webhook_timestamp_tolerance).
+    let old_ts = (chrono::Utc::now().timestamp() - 3600).to_string();
+    let mut q: Vec<(String, String)> = [("messageId", "0A0000002"), ("status", "delivered"), ("client-ref", delivery.as_str()), ("timestamp", old_ts.as_str())].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let sig = vonage_signature(b"vn-test-secret", "sha256", &q);
+    q.push(("sig".into(), sig));
+    let query = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&q).finish();
+    let a = answer(api.http.get(format!("{}/webhooks/vonage?{query}", api.base)).send().await.unwrap()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "stale_webhook"), "{a:?}");
+    documented("/webhooks/vonage", "get", &a);
 }
 
 async fn sendgrid_and_mandrill_webhooks(api: &Api) {
@@ -779,10 +797,13 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
         { "email": "b@example.com", "timestamp": 1700000004, "event": "bounce", "sg_event_id": unique("e5"), "sg_message_id": "unknown.1" }
     ]))
     .unwrap();
-    let ts = "1700000100";
-    let sig: p256::ecdsa::Signature = sk.sign(&[ts.as_bytes(), &body].concat());
-    let sig = B64.encode(sig.to_der().as_bytes());
-    let post = |body: Vec<u8>, sig: String| {
+    let signed = |ts: &str, body: &[u8]| {
+        let sig: p256::ecdsa::Signature = sk.sign(&[ts.as_bytes(), body].concat());
+        B64.encode(sig.to_der().as_bytes())
+    };
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let sig = signed(&ts, &body);
+    let post_at = |ts: String, body: Vec<u8>, sig: String| {
         api.http
             .post(format!("{}/webhooks/sendgrid", api.base))
             .header("content-type", "application/json")
@@ -791,9 +812,28 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
             .body(body)
             .send()
     };
+    let post = |body: Vec<u8>, sig: String| post_at(ts.clone(), body, sig);
     let a = answer(post(body.clone(), sig.clone()).await.unwrap()).await;
     assert_eq!((a.status, a.body["recorded"].as_i64(), a.body["unmatched"].as_i64()), (StatusCode::OK, Some(3), Some(1)), "{a:?}");
-    api.env.wait_outcomes(&event, WAIT, |os| ["delivered", "opened", "unsubscribed"].iter().all(|s| os.iter().any(|o| o.status == *s))).await;
+    documented("/webhooks/sendgrid", "post", &a);
+    let three = |os: &[herald::model::DeliveryOutcome]| ["delivered", "opened", "unsubscribed"].iter().all(|s| os.iter().any(|o| o.status == *s));
+    api.env.wait_outcomes(&event, WAIT, three).await;
+    // The same body again (a provider's retry, or a replay): nothing is emitted twice.
+    let a = answer(post(body.clone(), sig.clone()).await.unwrap()).await;
+    assert_eq!((a.status, a.body["recorded"].as_i64(), a.body["duplicates"].as_i64()), (StatusCode::OK, Some(0), Some(3)), "{a:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let os = api.env.wait_outcomes(&event, WAIT, three).await;
+    for status in ["delivered", "opened", "unsubscribed"] {
+        assert_eq!(os.iter().filter(|o| o.status == status).count(), 1, "{status} twice: {os:?}");
+    }
+    // A signed timestamp a day old: refused, though the signature verifies.
+    let old_ts = (chrono::Utc::now().timestamp() - 86_400).to_string();
+    let a = answer(post_at(old_ts.clone(), body.clone(), signed(&old_ts, &body)).await.unwrap()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "stale_webhook"), "{a:?}");
+    // Signed, but not JSON.
+    let a = answer(post(b"nope".to_vec(), signed(&ts, b"nope")).await.unwrap()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "malformed_json"), "{a:?}");
+    documented("/webhooks/sendgrid", "post", &a);
     let prefs = api.env.store.preferences(&user).await.unwrap();
     assert!(prefs.iter().any(|p| p.channel == "email" && p.category == "billing" && !p.opt_in), "unsubscribe opts out: {prefs:?}");
     let mut tampered = body.clone();
@@ -807,10 +847,18 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
     let url = format!("{}/webhooks/mandrill", api.base);
     let sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), events.clone())]);
     let post = |sig: String| api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", sig).body(form(&[("mandrill_events", &events)])).send();
-    let a = answer(post(sig).await.unwrap()).await;
+    let a = answer(post(sig.clone()).await.unwrap()).await;
     assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
     let os = api.env.wait_outcomes(&event, WAIT, |os| os.iter().any(|o| o.status == "bounced")).await;
     assert_eq!(os[0].reason.as_deref(), Some("bad_mailbox"));
+    let a = answer(post(sig).await.unwrap()).await;
+    assert_eq!((a.status, a.body["recorded"].as_i64(), a.body["duplicates"].as_i64()), (StatusCode::OK, Some(0), Some(1)), "{a:?}");
+    // Signed, but mandrill_events is not JSON.
+    let bad = [("mandrill_events", "[not json")];
+    let bad_sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), "[not json".to_string())]);
+    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", bad_sig).body(form(&bad)).send().await.unwrap()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "malformed_json"), "{a:?}");
+    documented("/webhooks/mandrill", "post", &a);
     // ...and a message sent before migration 009 (no metadata; dispatchers then also wrote
     // provider_messages) is found by its message id.
     let (old_mid, old_event, old_delivery) = (unique("md-old"), unique("evt"), unique("dlv"));
@@ -840,11 +888,15 @@ async fn every_rejection_is_a_json_error(api: &Api) {
     // A path segment that is not UTF-8 (signed, so it reaches the handler's extractor).
     let a = c.call("GET", "/v1/users/%FF%FE", None).await;
     json_error(&a, StatusCode::BAD_REQUEST, "bad_request");
+    documented("/v1/users/{user_id}", "get", &a);
     // Too large: a signed body, and a webhook body beyond webhooks' own limit.
     let a = c.raw("POST", "/v1/notifications", vec![b' '; 20_000], Some("application/json"), chrono::Utc::now().timestamp(), Some(&nonce()), |_| {}).await;
     json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    documented("/v1/notifications", "post", &a);
     let big = api.http.post(format!("{}/webhooks/sendgrid", api.base)).header("content-type", "application/json").body(vec![b'['; 70_000]);
-    json_error(&answer(big.send().await.unwrap()).await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let a = answer(big.send().await.unwrap()).await;
+    json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    documented("/webhooks/sendgrid", "post", &a);
     // A webhook body sent chunked (no length declared) is bounded too.
     let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![b' '; 1000])))));
     let a = answer(api.http.post(format!("{}/webhooks/mandrill", api.base)).body(reqwest::Body::wrap(http_body_util::StreamBody::new(chunks))).send().await.unwrap()).await;
@@ -852,8 +904,10 @@ async fn every_rejection_is_a_json_error(api: &Api) {
     // A long request target, and large headers.
     let a = answer(api.http.get(format!("{}/healthz?{}", api.base, "x".repeat(10_000))).send().await.unwrap()).await;
     json_error(&a, StatusCode::URI_TOO_LONG, "uri_too_long");
+    documented("/healthz", "get", &a);
     let a = answer(api.http.get(format!("{}/healthz", api.base)).header("x-big", "y".repeat(40_000)).send().await.unwrap()).await;
     json_error(&a, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large");
+    documented("/healthz", "get", &a);
     let mut many = api.http.get(format!("{}/healthz", api.base));
     for i in 0..150 {
         many = many.header(format!("x-h{i}"), "1");

@@ -65,6 +65,15 @@ pub struct ApiConfig {
     pub idle_timeout: Duration,
     /// Connections served at once at most; further ones wait in the listen backlog.
     pub max_connections: usize,
+    /// How far the timestamp a provider signs into a webhook (SendGrid's
+    /// `X-Twilio-Email-Event-Webhook-Timestamp`, Vonage's `timestamp`) may be from the
+    /// server's clock; older or newer signed webhooks are refused (401 `stale_webhook`).
+    #[serde(with = "duration")]
+    pub webhook_timestamp_tolerance: Duration,
+    /// How long a webhook event that became an outcome is remembered, so that the same
+    /// event posted again (a provider's retry, a replay) emits no second outcome.
+    #[serde(with = "duration")]
+    pub webhook_dedup_ttl: Duration,
     /// At most this many template params per request, each value at most
     /// `max_param_bytes`, all keys and values together at most `max_params_total_bytes`.
     pub max_params: usize,
@@ -161,6 +170,8 @@ impl Default for ApiConfig {
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            webhook_timestamp_tolerance: Duration::from_secs(600),
+            webhook_dedup_ttl: Duration::from_secs(4 * 86_400),
             max_params: 50,
             max_param_bytes: 2048,
             max_params_total_bytes: 16 * 1024,

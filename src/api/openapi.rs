@@ -37,8 +37,21 @@ fn signed_errors() -> Vec<(String, Value)> {
     ]
 }
 
+/// Errors the HTTP layer can answer on any endpoint (each herald's JSON error too).
+fn transport_errors() -> Vec<(String, Value)> {
+    vec![
+        err("408", "request_timeout: the body did not arrive within api.body_read_timeout"),
+        err("413", "payload_too_large: the body is over api.max_body_bytes (webhooks: api.webhook_max_body_bytes)"),
+        err("414", "uri_too_long: the request target is over api.max_uri_bytes"),
+        err("431", "headers_too_large: the headers are over api.max_header_bytes or api.max_headers"),
+    ]
+}
+
 fn op(summary: &str, scope: Option<&str>, request: Option<&str>, params: &[&str], responses: Vec<(String, Value)>) -> Value {
     let mut all: serde_json::Map<String, Value> = responses.into_iter().collect();
+    for (k, e) in transport_errors() {
+        all.entry(k).or_insert(e);
+    }
     let mut v = json!({ "summary": summary });
     if let Some(s) = scope {
         v["description"] = json!(format!("Needs scope `{s}` (or `admin`)."));
@@ -56,6 +69,7 @@ fn op(summary: &str, scope: Option<&str>, request: Option<&str>, params: &[&str]
         all.entry("422".to_string()).or_insert_with(|| err("422", "invalid_request (details.fields lists every problem)").1);
     }
     if !params.is_empty() {
+        all.entry("400".to_string()).or_insert_with(|| err("400", "bad_request: a path parameter is not valid UTF-8 (or malformed_json for a body)").1);
         v["parameters"] = json!(params.iter().map(|p| json!({ "name": p, "in": "path", "required": true, "schema": { "type": "string" } })).collect::<Vec<_>>());
     }
     v["responses"] = Value::Object(all);
@@ -159,7 +173,7 @@ fn schemas() -> Value {
         "Preview": { "type": "object", "properties": { "template_id": s(), "version": { "type": "integer" },
             "previews": { "type": "array", "items": { "type": "object", "properties": { "channel": s(), "locale": s(), "content": { "type": "object" }, "error": s() } } } } },
         "Health": { "type": "object", "properties": { "status": s(), "checks": { "type": "object" } } },
-        "WebhookResult": { "type": "object", "properties": { "received": { "type": "integer" }, "recorded": { "type": "integer" }, "unmatched": { "type": "integer" } } }
+        "WebhookResult": { "type": "object", "properties": { "received": { "type": "integer" }, "recorded": { "type": "integer" }, "unmatched": { "type": "integer" }, "duplicates": { "type": "integer" } } }
     })
 }
 
@@ -180,7 +194,23 @@ pub fn document() -> Value {
     add("/openapi.json", "get", op("This document", None, None, &[], vec![ok("200", "OpenAPI 3.1", None)]));
     add("/t/o/{token}", "get", op("Open pixel: records `opened`, answers a 1x1 GIF", None, None, &["token"], vec![ok("200", "image/gif", None), err("404", "not_found: token does not verify")]));
     add("/t/c/{token}", "get", op("Click: records `clicked`, redirects to the signed link", None, None, &["token"], vec![ok("302", "redirect to the link inside the token", None), err("404", "not_found")]));
-    let hook = |what: &str| op(what, None, None, &[], vec![ok("200", "recorded", Some("WebhookResult")), err("401", "invalid_signature (counted)"), err("404", "provider not configured"), err("415", "unsupported_media_type")]);
+    let hook = |what: &str| {
+        op(
+            what,
+            None,
+            None,
+            &[],
+            vec![
+                ok("200", "recorded (events turned into outcomes before are counted in duplicates and emitted once)", Some("WebhookResult")),
+                err("400", "malformed_json: signed, but the events are not the provider's JSON"),
+                err("401", "invalid_signature (counted), or stale_webhook: the signed timestamp is outside api.webhook_timestamp_tolerance"),
+                err("404", "provider not configured"),
+                err("415", "unsupported_media_type"),
+                err("422", "invalid_request: signed, but a required field is missing"),
+                err("503", "unavailable: Kafka or the store is down; the provider retries"),
+            ],
+        )
+    };
     add("/webhooks/twilio", "post", hook("Twilio status callback (X-Twilio-Signature)"));
     add("/webhooks/sendgrid", "post", hook("SendGrid signed event webhook (ECDSA P-256)"));
     add("/webhooks/mandrill", "post", hook("Mailchimp Transactional webhook (X-Mandrill-Signature)"));
@@ -303,6 +333,30 @@ mod tests {
             for (m, op) in ops.as_object().unwrap() {
                 let declared: BTreeSet<&str> = op["parameters"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
                 assert_eq!(declared, wanted, "{m} {path}");
+            }
+        }
+    }
+
+    /// Every operation lists the HTTP layer's errors, each with the JSON error schema; the
+    /// webhooks list the statuses their handlers answer.
+    #[test]
+    fn every_operation_lists_its_error_statuses() {
+        let doc = document();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let codes: BTreeSet<&str> = op["responses"].as_object().unwrap().keys().map(String::as_str).collect();
+                for code in ["408", "413", "414", "431"] {
+                    assert!(codes.contains(code), "{method} {path} does not list {code}");
+                    assert!(response_properties(&doc, path, method, code).is_some_and(|p| p == ["error"]), "{method} {path} {code}");
+                }
+                if path.contains('{') {
+                    assert!(codes.contains("400"), "{method} {path} has path params but no 400");
+                }
+                if path.starts_with("/webhooks/") && method != "head" {
+                    for code in ["400", "401", "404", "415", "422", "503"] {
+                        assert!(codes.contains(code), "{method} {path} does not list {code}");
+                    }
+                }
             }
         }
     }

@@ -67,11 +67,13 @@ pub struct ApiStore {
     advance_template: PreparedStatement,
     put_signature: PreparedStatement,
     signature_claimants: PreparedStatement,
+    webhook_seen: PreparedStatement,
+    put_webhook_event: PreparedStatement,
     ping: PreparedStatement,
 }
 
 impl ApiStore {
-    /// Prepares the statements against `keyspace` (migrated to 008) on `session`.
+    /// Prepares the statements against `keyspace` (migrated to 010) on `session`.
     pub async fn prepare(session: Arc<Session>, ks: &str) -> Result<ApiStore, StoreError> {
         let p = |q: String, idempotent: bool| {
             let session = session.clone();
@@ -99,6 +101,8 @@ impl ApiStore {
             advance_template: p(format!("UPDATE {ks}.templates SET category = ?, current_version = ?, default_channels = ?, tracking = ?, {t} = ?, updated_at = toTimestamp(now()) WHERE template_id = ? IF current_version < ?"), false).await?,
             put_signature: p(format!("INSERT INTO {ks}.api_signatures (app_key, signature, claimant, claimed_at) VALUES (?, ?, ?, toTimestamp(now())) USING TTL ?"), true).await?,
             signature_claimants: p(format!("SELECT claimant FROM {ks}.api_signatures WHERE app_key = ? AND signature = ? LIMIT 2"), true).await?,
+            webhook_seen: p(format!("SELECT outcome_id FROM {ks}.webhook_events WHERE outcome_id IN ?"), true).await?,
+            put_webhook_event: p(format!("INSERT INTO {ks}.webhook_events (outcome_id, provider, recorded_at) VALUES (?, ?, toTimestamp(now())) USING TTL ?"), true).await?,
             ping: p("SELECT release_version FROM system.local".to_string(), true).await?,
             session,
         })
@@ -183,6 +187,24 @@ impl ApiStore {
             .map_err(|e| query_err("provider message", e))?
             .maybe_first_row::<DeliveryRef>()
             .map_err(|e| query_err("provider message", e))
+    }
+
+    /// Which of `outcome_ids` a webhook already emitted.
+    pub async fn webhook_events_seen(&self, outcome_ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        let mut seen = HashSet::new();
+        for chunk in outcome_ids.chunks(crate::store::IN_CHUNK) {
+            let rows: Vec<(String,)> = self.rows(&self.webhook_seen, (chunk,), "webhook events").await?;
+            seen.extend(rows.into_iter().map(|(id,)| id));
+        }
+        Ok(seen)
+    }
+
+    /// Remembers emitted webhook outcomes for `ttl`.
+    pub async fn put_webhook_events(&self, provider: &str, outcome_ids: &[&str], ttl: Duration) -> Result<(), StoreError> {
+        let ttl = ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let writes = outcome_ids.iter().map(|id| self.session.execute_unpaged(&self.put_webhook_event, (*id, provider, ttl)));
+        futures::future::try_join_all(writes).await.map_err(|e| query_err("put webhook events", e))?;
+        Ok(())
     }
 
     /// Up to 1000 templates, sorted by id.

@@ -159,6 +159,17 @@ fn reject(provider: &'static str, reason: &'static str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", "webhook signature does not verify")
 }
 
+/// A webhook whose signature verifies but whose signed timestamp is outside
+/// `api.webhook_timestamp_tolerance`.
+fn stale(provider: &'static str) -> ApiError {
+    events::webhook_rejected(provider, "stale");
+    ApiError::new(StatusCode::UNAUTHORIZED, "stale_webhook", "the webhook's signed timestamp is outside the accepted window")
+}
+
+fn fresh_webhook(st: &ApiState, signed_at: i64) -> bool {
+    super::auth::fresh(signed_at, chrono::Utc::now().timestamp(), st.cfg.webhook_timestamp_tolerance)
+}
+
 fn off() -> ApiError {
     ApiError::not_found("endpoint")
 }
@@ -194,19 +205,33 @@ async fn find(st: &ApiState, provider: &str, delivery_id: Option<&str>, message_
     Ok(None)
 }
 
-/// Emits the outcomes, applies unsubscribes, answers 200 with counts.
-async fn finish(st: &ApiState, provider: &'static str, received: usize, outcomes: Vec<DeliveryOutcome>, unmatched: usize) -> Result<Response, ApiError> {
+/// Emits the outcomes not emitted before (by their ids: a provider's retry or a replayed
+/// body emits nothing twice), remembers them, applies unsubscribes, answers 200 with counts.
+async fn finish(st: &ApiState, provider: &'static str, received: usize, mut outcomes: Vec<DeliveryOutcome>, unmatched: usize) -> Result<Response, ApiError> {
     for _ in 0..unmatched {
         events::webhook_unmatched(provider);
     }
+    let ids: Vec<&str> = outcomes.iter().map(|o| o.outcome_id.as_str()).collect();
+    let seen = if ids.is_empty() { Default::default() } else { st.api_store.webhook_events_seen(&ids).await? };
+    let mut once = std::collections::HashSet::new();
+    let before = outcomes.len();
+    outcomes.retain(|o| !seen.contains(&o.outcome_id) && once.insert(o.outcome_id.clone()));
+    let duplicates = before - outcomes.len();
+    if duplicates > 0 {
+        events::webhook_duplicates(provider, duplicates as u64);
+    }
     outcomes::emit(st, &outcomes).await?;
+    let emitted: Vec<&str> = outcomes.iter().map(|o| o.outcome_id.as_str()).collect();
+    if !emitted.is_empty() {
+        st.api_store.put_webhook_events(provider, &emitted, st.cfg.webhook_dedup_ttl).await?;
+    }
     for o in outcomes.iter().filter(|o| o.status == "unsubscribed") {
         if let (Some(user), Some(category)) = (&o.user_id, &o.category) {
             st.store.put_preference(&Preference { user_id: user.clone(), channel: "email".into(), category: category.clone(), opt_in: false }).await?;
             st.publish_change("preferences", user).await?;
         }
     }
-    Ok((StatusCode::OK, Json(json!({ "received": received, "recorded": outcomes.len(), "unmatched": unmatched }))).into_response())
+    Ok((StatusCode::OK, Json(json!({ "received": received, "recorded": outcomes.len(), "unmatched": unmatched, "duplicates": duplicates }))).into_response())
 }
 
 /// `POST /webhooks/twilio`: a status callback (form-encoded).
@@ -246,6 +271,10 @@ pub async fn sendgrid(State(st): State<Arc<ApiState>>, headers: HeaderMap, body:
     };
     if !sendgrid_verify(&st.cfg.sendgrid_public_key, ts, &body, sig) {
         return Err(reject("sendgrid", "mismatch"));
+    }
+    // The timestamp is signed: a verified but old (or future) body is a replay.
+    if !ts.parse::<i64>().is_ok_and(|t| fresh_webhook(&st, t)) {
+        return Err(stale("sendgrid"));
     }
     let events: Vec<Value> = serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "expected a JSON array of events"))?;
     let mut out = Vec::new();
@@ -330,12 +359,12 @@ pub async fn vonage(State(st): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
         form_params(&headers, &body)?
     };
     let (Some(sig), Some(ts)) = (param(&params, "sig"), param(&params, "timestamp")) else { return Err(reject("vonage", "missing")) };
-    let fresh = ts.parse::<i64>().is_ok_and(|t| super::auth::fresh(t, chrono::Utc::now().timestamp(), std::time::Duration::from_secs(st.cfg.timestamp_tolerance_secs)));
-    if !fresh {
-        return Err(reject("vonage", "stale"));
-    }
     if !same(&vonage_signature(secret.as_bytes(), &st.cfg.vonage_signature_method, &params), &sig.to_ascii_uppercase()) {
         return Err(reject("vonage", "mismatch"));
+    }
+    // Vonage's timestamp is signed (epoch seconds): an old receipt is a replay.
+    if !ts.parse::<i64>().is_ok_and(|t| fresh_webhook(&st, t)) {
+        return Err(stale("vonage"));
     }
     let message_id = param(&params, "messageId").or(param(&params, "message-id"));
     let status = param(&params, "status").unwrap_or("");

@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "009_dispatch_commit",
         cql: include_str!("../../cql/009_dispatch_commit.cql"),
     },
+    Migration {
+        version: 10,
+        name: "010_webhook_events",
+        cql: include_str!("../../cql/010_webhook_events.cql"),
+    },
 ];
 
 impl Migration {
