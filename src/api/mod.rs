@@ -276,15 +276,12 @@ impl Caller {
     }
 }
 
-/// Reads the body (bounded), checks the signature, the timestamp, replays and the app's
-/// rate, then hands the request on with the app attached.
+/// Checks the signature, the timestamp, replays and the app's rate over the body that
+/// [`read_body`] has already read and bounded, then hands the request on with the app
+/// attached.
 async fn authenticate(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Result<Response, ApiError> {
     let (mut parts, body) = req.into_parts();
     let limit = st.cfg.max_body_bytes;
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(limit));
-    }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::too_large(limit))?;
     let refuse = |e: AuthError| {
         events::api_auth_failure(e.code());
