@@ -371,3 +371,37 @@ async fn check(config: &Config) -> bool {
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// README's "Commands" block names every subcommand and every flag of each, so a flag
+    /// added here and not there fails (as `herald replay --to` once did).
+    #[test]
+    fn readme_commands_block_names_every_subcommand_and_flag() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("## Commands").nth(1).and_then(|s| s.split("```").nth(1)).expect("README has a Commands block");
+        fn walk(cmd: &clap::Command, path: &str, block: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let here = format!("{path} {}", sub.get_name());
+                let lines: Vec<&str> = block.lines().filter(|l| l.contains(sub.get_name())).collect();
+                if lines.is_empty() {
+                    missing.push(here.clone());
+                }
+                for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+                    if let Some(long) = arg.get_long() {
+                        let flag = format!("--{long}");
+                        if !block.lines().any(|l| l.contains(sub.get_name()) && l.contains(&flag)) {
+                            missing.push(format!("{here} {flag}"));
+                        }
+                    }
+                }
+                walk(sub, &here, block, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "herald", block, &mut missing);
+        assert!(missing.is_empty(), "README's Commands block lacks {missing:?}");
+    }
+}

@@ -697,6 +697,25 @@ fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
 mod tests {
     use super::*;
 
+    /// config/herald.example.toml, README's example of every section a deployment writes,
+    /// loads without an unknown key and means what its comments say.
+    #[test]
+    fn the_commented_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/herald.example.toml");
+        let c = Config::load_from(Some(&path), Vec::new()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(c.dispatch.category_routes["security"]["sms"], ["vonage", "twilio"]);
+        assert_eq!(c.dispatch.category_routes["marketing"]["email"], ["mandrill"]);
+        assert_eq!(c.dispatch.limits["vonage"].rate_per_sec, 30.0);
+        let t = &c.router.triggers[..];
+        assert_eq!(t.len(), 1, "the file's triggers replace the defaults");
+        assert_eq!((t[0].topic.as_str(), t[0].event_id.as_str(), t[0].params.len()), ("upstream.orders_shipped", "order_id", 3));
+        assert_eq!(t[0].channels, ["apns", "fcm", "email"]);
+        assert!(!c.router.categories["marketing"].opt_in_default);
+        assert_eq!(c.router.categories["marketing"].throttle_window, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.kafka.extra["ssl.ca.location"], "/etc/herald/kafka-ca.pem");
+        assert_eq!(c.api.replicas, 3);
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()

@@ -17,11 +17,11 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::router::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
+use crate::kafka::headers::{self, Position, DLQ_REASON, DLQ_SOURCE};
 use crate::topology::Topology;
 
 /// Header on replayed records: the `topic:partition:offset` of the original record.
-pub const REPLAY_OF_HEADER: &str = "herald-replay-of";
+
 
 /// What to replay.
 #[derive(Debug, Clone, Default)]
@@ -123,16 +123,20 @@ pub async fn run(config: &Config, topology: &Topology, r: &Replay) -> anyhow::Re
             .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
             .unwrap_or_default();
         let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-        let origin = get(DLQ_SOURCE_HEADER);
+        let origin = get(DLQ_SOURCE).map(|s| s.parse::<Position>());
+        if let Some(Err(e)) = &origin {
+            tracing::warn!(at = %Position::of(&m), error = %e, "DLQ record with a malformed {DLQ_SOURCE} header: skipped");
+        }
+        let origin = origin.and_then(Result::ok);
         let target = match (&fixed_target, &origin) {
             (Some(t), _) => t.clone(),
-            (None, Some(src)) => src.rsplitn(3, ':').nth(2).unwrap_or_default().to_string(),
+            (None, Some(src)) => src.topic.clone(),
             (None, None) => {
                 report.skipped += 1;
                 continue;
             }
         };
-        let reason_ok = r.reason.as_ref().is_none_or(|want| get(DLQ_REASON_HEADER).is_some_and(|have| have.contains(want.as_str())));
+        let reason_ok = r.reason.as_ref().is_none_or(|want| get(DLQ_REASON).is_some_and(|have| have.contains(want.as_str())));
         let source_ok = source_filter.as_ref().is_none_or(|want| *want == target);
         if !reason_ok || !source_ok || target.is_empty() {
             report.skipped += 1;
@@ -142,12 +146,12 @@ pub async fn run(config: &Config, topology: &Topology, r: &Replay) -> anyhow::Re
         if r.dry_run {
             continue;
         }
-        let replay_of = origin.unwrap_or_else(|| format!("{}:{}:{}", m.topic(), m.partition(), m.offset()));
+        let replay_of = origin.unwrap_or_else(|| Position::of(&m)).to_string();
         let mut out = OwnedHeaders::new();
-        for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with("herald-dlq-") && k != REPLAY_OF_HEADER) {
+        for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with("herald-dlq-") && k != headers::REPLAY_OF) {
             out = out.insert(Header { key: k, value: Some(v) });
         }
-        out = out.insert(Header { key: REPLAY_OF_HEADER, value: Some(replay_of.as_bytes()) });
+        out = out.insert(Header { key: headers::REPLAY_OF, value: Some(replay_of.as_bytes()) });
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&target).headers(out);
         if let Some(key) = m.key() {
             rec = rec.key(key);

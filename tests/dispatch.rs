@@ -210,6 +210,19 @@ async fn repeated_failure_dead_letters_with_an_alert() {
     assert!(dl.reason.as_deref().unwrap().contains("fcm"), "{:?}", dl.reason);
     let dead = h.env.dead_letters();
     assert!(dead.iter().any(|(_, _, hd)| hd.get("herald-dlq-reason").is_some_and(|r| r.starts_with("dead_lettered"))), "DLQ record with reason");
+    // The contract of topology/topics.toml, read as a plain Kafka client reads it: the DLQ
+    // record carries the delivery's key and bytes and `herald-dlq-source` =
+    // `topic:partition:offset` of the record the last attempt consumed (the last retry topic).
+    let (_, payload, hd) = dead.iter().find(|(key, _, _)| key.as_deref() == Some(d.user_id.as_bytes())).expect("the delivery's DLQ record, keyed by its user id as on the delivery topic");
+    assert!(payload.as_ref().is_some_and(|p| !p.is_empty()), "the original bytes");
+    let source = hd.get("herald-dlq-source").expect("herald-dlq-source");
+    let parts: Vec<&str> = source.split(':').collect();
+    assert_eq!(parts.len(), 3, "topic:partition:offset, got {source:?}");
+    assert_eq!(parts[0], h.env.topic("retry.fcm.3"), "consumed from the last retry topic: {source:?}");
+    assert!(parts[1].parse::<i32>().is_ok() && parts[2].parse::<i64>().is_ok(), "numeric partition and offset: {source:?}");
+    for absent in ["herald-dlq-source-topic", "herald-dlq-source-partition", "herald-dlq-source-offset"] {
+        assert!(!hd.contains_key(absent), "{absent} is not part of the contract");
+    }
     let log = h.env.log("dispatch-fcm");
     assert!(log.contains("ERROR") && log.contains("record dead-lettered") && log.contains("fcm"), "alert logged:\n{}", common::env::tail(&log, 10));
     assert_eq!(h.received_matching("fcm", &d.event_id).await.len(), 4);

@@ -16,10 +16,12 @@
 //!          [ "\n" NONCE ]
 //! ```
 //!
-//! `METHOD` upper-case, `PATH` exactly as sent (percent-encoding kept), `CANONICAL_QUERY`
-//! the query's pairs decoded, sorted by name then value, re-encoded (RFC 3986 unreserved
-//! characters kept, everything else `%XX`) and joined with `&` (empty when there is no
-//! query). The HMAC key is the secret string's UTF-8 bytes. A signature is accepted once
+//! `METHOD` upper-case, `PATH` exactly as sent (percent-escapes kept, neither decoded nor
+//! re-encoded), `CANONICAL_QUERY` the query read as the API reads it, as
+//! `application/x-www-form-urlencoded` pairs (`+` is a space, then `%XX` decoded; a literal
+//! plus is `%2B`), sorted by name then value, re-encoded (RFC 3986 unreserved characters
+//! kept, every other byte `%XX`) and joined with `&` (empty when there is no query). README's
+//! "Signing" carries a worked example that a unit test checks. The HMAC key is the secret string's UTF-8 bytes. A signature is accepted once
 //! within the tolerance window (replay cache).
 
 use std::time::Duration;
@@ -306,6 +308,37 @@ mod tests {
         assert_eq!(canonical_query(Some("b=2&a=1&a=0")), "a=0&a=1&b=2");
         assert_eq!(canonical_query(Some("q=a+b&r=%2F~")), "q=a%20b&r=%2F~");
         assert_eq!(canonical_query(Some("q=a%20b")), canonical_query(Some("q=a+b")));
+    }
+
+    /// README's worked example is what this module computes: path raw, `+` a space, `%2B` a plus.
+    #[test]
+    fn readme_signing_example_is_what_sign_request_computes() {
+        let readme = include_str!("../../README.md");
+        let block = readme.split("<!-- signing-example -->").nth(1).expect("README has the signing example");
+        let block = block.split("```").nth(1).expect("the example is a code block");
+        let field = |name: &str| {
+            block.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_else(|| panic!("example lacks {name}")).to_string()
+        };
+        let request = field("request");
+        let mut parts = request.split_whitespace();
+        let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+        let timestamp: i64 = field("timestamp").parse().unwrap();
+        let nonce = field("nonce");
+        let secret = field("secret");
+        let expected: Vec<String> = block
+            .lines()
+            .skip_while(|l| !l.starts_with("STRING"))
+            .take_while(|l| !l.starts_with("signature"))
+            .map(|l| l.trim_start_matches("STRING").trim().to_string())
+            .collect();
+        let (path, query) = target.split_once('?').unwrap();
+        assert_eq!(string_to_sign(method, path, Some(query), timestamp, Some(&nonce), b""), expected.join("\n"));
+        let headers = sign_request("hk_example", &secret, method, target, b"", timestamp, Some(&nonce));
+        let sig = headers.iter().find(|(n, _)| *n == HEADER_SIGNATURE).unwrap().1.clone();
+        assert_eq!(sig, field("signature"));
+        // The readings the example pins down: a decoded path, or `+` taken literally, sign differently.
+        assert_ne!(string_to_sign(method, "/v1/users/ana lima/devices", Some(query), timestamp, Some(&nonce), b""), expected.join("\n"));
+        assert_ne!(canonical_query(Some("b=x+y")), canonical_query(Some("b=x%2By")));
     }
 
     #[test]

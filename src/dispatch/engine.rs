@@ -57,20 +57,8 @@ use crate::providers::{Classification, Clients, Provider, ProviderError};
 use crate::router::policy::outcome_id;
 use crate::telemetry::events;
 
-/// A record's place in Kafka.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Pos {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl Pos {
-    /// `topic:partition:offset`, the source of outcome ids.
-    pub fn source(&self) -> String {
-        format!("{}:{}:{}", self.topic, self.partition, self.offset)
-    }
-}
+/// A record's place in Kafka (`topic:partition:offset`, the source of outcome ids).
+pub use crate::kafka::headers::Position as Pos;
 
 /// One consumed record, decoded.
 #[derive(Debug, Clone)]
@@ -412,7 +400,7 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         if uncertain {
             self.uncertain.fetch_add(1, Ordering::Relaxed);
             events::uncertain_resend(&self.channel, provider.name());
-            tracing::warn!(delivery_id = %d.delivery_id, source = %pos.source(), "in flight at a dispatcher that stopped, no sent record: sending again");
+            tracing::warn!(delivery_id = %d.delivery_id, source = %pos.to_string(), "in flight at a dispatcher that stopped, no sent record: sending again");
         }
         let started = Instant::now();
         let answer = {
@@ -517,7 +505,7 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
     /// A record that is no delivery: to the DLQ, outcome `rejected`, an alert.
     fn poison(&self, pos: &Pos, reason: &str) -> Decision {
         events::dead_lettered("dispatch", "rejected", reason);
-        let source = pos.source();
+        let source = pos.to_string();
         let o = DeliveryOutcome {
             outcome_id: outcome_id(&source, "", "rejected", Some(&self.channel), None),
             event_id: format!("dlq:{source}"),
@@ -542,7 +530,7 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
     /// An outcome of `d` (provider, reason and latency left for the caller to set).
     fn outcome(&self, pos: &Pos, d: &ChannelDelivery, status: &str) -> DeliveryOutcome {
         DeliveryOutcome {
-            outcome_id: outcome_id(&pos.source(), &d.event_id, status, Some(&d.channel), Some(&d.delivery_id)),
+            outcome_id: outcome_id(&pos.to_string(), &d.event_id, status, Some(&d.channel), Some(&d.delivery_id)),
             event_id: d.event_id.clone(),
             delivery_id: Some(d.delivery_id.clone()),
             user_id: Some(d.user_id.clone()),

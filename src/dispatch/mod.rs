@@ -92,13 +92,13 @@ impl Dispatcher {
         for (pos, emits) in &planned.decisions {
             let msg = by_pos[&(pos.topic.as_str(), pos.partition, pos.offset)];
             for e in emits {
-                outputs.push(self.output(msg, pos, e).await.map_err(StageError::classify)?);
+                outputs.push(self.output(msg, e).await.map_err(StageError::classify)?);
             }
         }
         Ok(BatchResult { outputs, holds: planned.holds })
     }
 
-    async fn output(&self, msg: &OwnedMessage, pos: &Pos, e: &Emit) -> Result<Output, CodecError> {
+    async fn output(&self, msg: &OwnedMessage, e: &Emit) -> Result<Output, CodecError> {
         Ok(match e {
             Emit::Outcome(o) => {
                 let payload = self.codec.encode(&self.outcomes, o).await?;
@@ -112,7 +112,7 @@ impl Dispatcher {
                 let payload = self.codec.encode(topic, delivery.as_ref()).await?;
                 Output { topic: topic.clone(), partition: None, key: Some(delivery.user_id.clone().into_bytes()), payload: Some(payload), headers: Vec::new() }
             }
-            Emit::DeadLetter { reason } => Output::dead_letter(msg, &self.dlq, reason.clone(), &pos.source()),
+            Emit::DeadLetter { reason } => Output::dead_letter(msg, &self.dlq, reason.clone()),
             Emit::ContactChanged { user_id } => change_record(&self.changes, user_id),
         })
     }

@@ -52,19 +52,17 @@ pub struct Output {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// DLQ headers: why a record was dead-lettered, and the `topic:partition:offset` it came from.
-pub const DLQ_REASON_HEADER: &str = "herald-dlq-reason";
-pub const DLQ_SOURCE_HEADER: &str = "herald-dlq-source";
-
 impl Output {
-    /// The original record (key, bytes, headers) for the DLQ, plus why and where from.
-    pub fn dead_letter(msg: &OwnedMessage, dlq: &str, reason: String, source: &str) -> Output {
+    /// The original record (key, bytes, headers) for the DLQ, plus why and where from
+    /// (the contract is in [`super::headers`]).
+    pub fn dead_letter(msg: &OwnedMessage, dlq: &str, reason: String) -> Output {
         let mut headers: Vec<(String, Vec<u8>)> = msg
             .headers()
             .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
             .unwrap_or_default();
-        headers.push((DLQ_REASON_HEADER.into(), reason.into_bytes()));
-        headers.push((DLQ_SOURCE_HEADER.into(), source.as_bytes().to_vec()));
+        headers.retain(|(k, _)| k != super::headers::DLQ_REASON && k != super::headers::DLQ_SOURCE);
+        headers.push((super::headers::DLQ_REASON.into(), reason.into_bytes()));
+        headers.push((super::headers::DLQ_SOURCE.into(), super::headers::Position::of(msg).to_string().into_bytes()));
         Output {
             topic: dlq.to_string(),
             partition: None,

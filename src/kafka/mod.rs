@@ -2,6 +2,7 @@
 //! the idempotent producer and the admin client used by `topology apply`.
 
 pub mod eos;
+pub mod headers;
 
 use std::time::{Duration, Instant};
 

@@ -38,6 +38,7 @@ use crate::codec::{Codec, CodecError};
 use crate::config::{Config, RouterConfig, TriggerConfig};
 use crate::error::Classify;
 use crate::kafka::eos::{self, BatchResult, Hold, Output, Processor, StageError, StageSettings};
+use crate::kafka::headers::{self, Position};
 use crate::model::{delivery_id, now_ms, ChannelDelivery, DeliveryOutcome, NotificationRequested, Priority};
 use crate::render::RenderContext;
 use crate::store::{DedupClaim, NewThrottleHit, Store, ThrottleHit};
@@ -48,8 +49,6 @@ use contacts::{Contacts, LoadedTemplate};
 use policy::QuietHours;
 
 /// Header on delay-topic records: when the hold ends (epoch ms, decimal).
-pub const DUE_AT_HEADER: &str = "herald-due-at";
-pub use crate::kafka::eos::{DLQ_REASON_HEADER, DLQ_SOURCE_HEADER};
 
 /// Everything the router needs, shared by its stages.
 pub struct Router {
@@ -109,10 +108,8 @@ impl Source<'_> {
     /// the record it copies, so the copy is not a duplicate of its original.
     fn claimant(&self) -> DedupClaim {
         let own = || DedupClaim { source_topic: self.msg.topic().to_string(), partition: self.msg.partition(), offset: self.msg.offset() };
-        let Some(of) = header(self.msg, crate::replay::REPLAY_OF_HEADER) else { return own() };
-        let mut parts = of.rsplitn(3, ':');
-        match (parts.next().map(str::parse::<i64>), parts.next().map(str::parse::<i32>), parts.next()) {
-            (Some(Ok(offset)), Some(Ok(partition)), Some(topic)) => DedupClaim { source_topic: topic.to_string(), partition, offset },
+        match header(self.msg, headers::REPLAY_OF).map(|of| of.parse::<Position>()) {
+            Some(Ok(p)) => DedupClaim { source_topic: p.topic, partition: p.partition, offset: p.offset },
             _ => own(),
         }
     }
@@ -335,7 +332,7 @@ impl Router {
                 me.clone()
             });
             if owner != me || !st.passed.insert(me.clone()) {
-                let at = format!("{}:{}:{}", owner.source_topic, owner.partition, owner.offset);
+                let at = Position::new(owner.source_topic.clone(), owner.partition, owner.offset);
                 let why = if owner == me { format!("{at} went through earlier in this batch") } else { format!("first seen at {at}") };
                 self.outcome(src, req, "duplicate", None, None, Some(why), out, log).await?;
                 return Ok(Ok(()));
@@ -402,7 +399,7 @@ impl Router {
                     partition: Some(policy::delay_partition(until, self.topics.delay_partitions)),
                     key: Some(req.user_id.clone().into_bytes()),
                     payload: Some(payload),
-                    headers: vec![(DUE_AT_HEADER.into(), until.timestamp_millis().to_string().into_bytes())],
+                    headers: vec![(headers::DUE_AT.into(), until.timestamp_millis().to_string().into_bytes())],
                 });
                 let why = format!("quiet hours in {tz} until {}", until.to_rfc3339());
                 self.outcome(src, req, "held", None, None, Some(why), out, log).await?;
@@ -490,7 +487,7 @@ impl Router {
         log: &mut Vec<DeliveryOutcome>,
     ) -> Result<(), StageError> {
         events::dead_lettered("router", reject.status, &reject.reason);
-        out.push(Output::dead_letter(src.msg, &self.topics.dlq, format!("{}: {}", reject.status, reject.reason), &src.id));
+        out.push(Output::dead_letter(src.msg, &self.topics.dlq, format!("{}: {}", reject.status, reject.reason)));
         let placeholder;
         let req = match req {
             Some(r) => r,
@@ -571,14 +568,14 @@ impl Router {
                 if held.contains(&tp) {
                     continue;
                 }
-                let due = header(msg, DUE_AT_HEADER).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                let due = header(msg, headers::DUE_AT).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
                 if due > now {
                     held.insert(tp);
                     holds.push(Hold { topic: msg.topic().into(), partition: msg.partition(), offset: msg.offset(), until_ms: due });
                     continue;
                 }
             }
-            sources.push(Source { msg, id: format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()), released });
+            sources.push(Source { msg, id: Position::of(msg).to_string(), released });
         }
         let stages: Vec<_> = sources.iter().map(|src| self.stage(src)).collect();
         let t0 = std::time::Instant::now();

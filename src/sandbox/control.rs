@@ -25,20 +25,25 @@ use serde_json::{json, Value};
 use super::http::json;
 use super::{Fault, Provider, SandboxState, Shared, World};
 
+/// Every path of the control API (README's "The provider sandbox" documents each).
+const PATHS: [&str; 6] = [
+    "/_sandbox/health",
+    "/_sandbox/faults",
+    "/_sandbox/faults/{provider}",
+    "/_sandbox/requests",
+    "/_sandbox/requests/{provider}",
+    "/_sandbox/state",
+];
+
 pub(super) fn routes() -> Router<Shared> {
+    let [health_path, faults, fault, all_requests, provider_requests, state] = PATHS;
     Router::new()
-        .route("/_sandbox/health", get(health))
-        .route("/_sandbox/faults", get(list_faults).delete(clear_faults))
-        .route(
-            "/_sandbox/faults/{provider}",
-            put(set_fault).delete(clear_fault),
-        )
-        .route("/_sandbox/requests", axum::routing::delete(clear_requests))
-        .route(
-            "/_sandbox/requests/{provider}",
-            get(requests).delete(clear_provider_requests),
-        )
-        .route("/_sandbox/state", get(get_state).put(put_state))
+        .route(health_path, get(health))
+        .route(faults, get(list_faults).delete(clear_faults))
+        .route(fault, put(set_fault).delete(clear_fault))
+        .route(all_requests, axum::routing::delete(clear_requests))
+        .route(provider_requests, get(requests).delete(clear_provider_requests))
+        .route(state, get(get_state).put(put_state))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -159,5 +164,53 @@ async fn put_state(State(sb): State<Shared>, body: Bytes) -> Response {
             json(StatusCode::OK, shown)
         }
         Err(e) => error(StatusCode::BAD_REQUEST, format!("not a sandbox state: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README documents every control path, every fault field, every field of a request-log
+    /// entry and every dead-address set: a field added to the code and not to README fails.
+    #[test]
+    fn readme_documents_the_whole_control_api() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("## The provider sandbox").nth(1).expect("README has 'The provider sandbox'");
+        let section = section.split("\n## ").next().unwrap();
+        let keys = |v: Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        let fault = keys(serde_json::to_value(Fault::default()).unwrap());
+        let state = keys(serde_json::to_value(SandboxState::default()).unwrap());
+        let entry = keys(
+            serde_json::to_value(super::super::journal::Received {
+                seq: 1,
+                method: "POST".into(),
+                path: "/".into(),
+                version: "HTTP/2.0".into(),
+                headers: Default::default(),
+                body: Value::Null,
+                status: None,
+                at: String::new(),
+            })
+            .unwrap(),
+        );
+        assert!(fault.len() >= 6 && state.len() >= 6 && entry.len() >= 8);
+        let mut missing = Vec::new();
+        for path in PATHS {
+            if !section.contains(&format!("`{path}`")) {
+                missing.push(path.to_string());
+            }
+        }
+        for field in fault.iter().chain(&state).chain(&entry) {
+            if !section.contains(&format!("`{field}`")) {
+                missing.push(field.clone());
+            }
+        }
+        for p in Provider::ALL {
+            if !section.contains(&format!("`{}`", p.name())) || !section.contains(p.default_error()) {
+                missing.push(p.name().to_string());
+            }
+        }
+        assert!(missing.is_empty(), "README's sandbox section lacks {missing:?}");
     }
 }
