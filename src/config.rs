@@ -278,6 +278,8 @@ pub struct RouterConfig {
     pub concurrency: usize,
     /// `transaction.timeout.ms`: how long a dead replica's open transaction can block readers.
     pub transaction_timeout_ms: u64,
+    /// Collect and route the next batch while the current one's transaction commits.
+    pub pipelined: bool,
     /// How long dedup claims live.
     #[serde(with = "duration")]
     pub dedup_ttl: Duration,
@@ -326,6 +328,7 @@ impl Default for RouterConfig {
             batch_wait_ms: 20,
             concurrency: 64,
             transaction_timeout_ms: 10_000,
+            pipelined: true,
             dedup_ttl: Duration::from_secs(7 * 86_400),
             dedup_mode: "keyed".into(),
             cache_max_entries: 100_000,

@@ -408,3 +408,102 @@ fn a_config_typo_is_named_not_ignored() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("contact_point"), "{stderr}");
 }
+
+/// The stage loop's pipelining (the router's): batch N commits on its own task while batch
+/// N+1 is collected and processed. Here N's transaction fails (one of its outputs names a
+/// partition that does not exist) while N+1 is in flight: N+1 must be dropped and read
+/// again after N, or its outputs would be committed and then produced once more when N is
+/// read again. Every input comes out exactly once (read_committed), and N+1's records were
+/// processed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_stage_whose_transaction_aborts_reads_the_batch_in_flight_again() {
+    use herald::kafka::eos::{self, BatchResult, Output, Processor, StageError, StageSettings};
+    use rdkafka::message::OwnedMessage;
+    use std::sync::Mutex;
+
+    struct Copy {
+        out: String,
+        calls: Mutex<Vec<Vec<String>>>,
+    }
+    impl Processor for Copy {
+        async fn process(&self, batch: &[OwnedMessage]) -> Result<BatchResult, StageError> {
+            let ids: Vec<String> = batch.iter().map(|m| String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned()).collect();
+            let call = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push(ids.clone());
+                calls.len()
+            };
+            let mut outputs: Vec<Output> = ids
+                .iter()
+                .map(|id| Output { topic: self.out.clone(), key: Some(id.clone().into_bytes()), payload: Some(id.clone().into_bytes()), ..Default::default() })
+                .collect();
+            match call {
+                // The first batch's transaction cannot commit: partition 99 does not exist.
+                1 => outputs.push(Output { topic: self.out.clone(), partition: Some(99), payload: Some(b"x".to_vec()), ..Default::default() }),
+                // The second is still being processed when the first one's commit fails.
+                2 => tokio::time::sleep(Duration::from_millis(500)).await,
+                _ => {}
+            }
+            Ok(BatchResult { outputs, holds: Vec::new() })
+        }
+    }
+
+    let env = common::env::Env::start_with("", false).await;
+    let (input, out) = (env.topic("dlq"), env.topic("outcomes"));
+    let n = 400;
+    for i in 0..n {
+        let id = format!("r{i:04}");
+        env.producer.send(FutureRecord::to(&input).key(&id).payload(&id), Duration::from_secs(10)).await.unwrap();
+    }
+    let settings = StageSettings {
+        role: "test-stage",
+        group_id: unique("stage"),
+        topics: vec![input.clone()],
+        transactional_id: unique("stage-tx"),
+        batch_max: 50,
+        batch_wait: Duration::from_millis(20),
+        transaction_timeout: Duration::from_secs(10),
+        pipelined: true,
+    };
+    let processor = std::sync::Arc::new(Copy { out: out.clone(), calls: Mutex::new(Vec::new()) });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stage = tokio::spawn({
+        let (kafka, processor, shutdown) = (env.config.kafka.clone(), processor.clone(), shutdown.clone());
+        async move { eos::run(&kafka, &settings, processor.as_ref(), shutdown).await }
+    });
+
+    let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "test-read")
+        .set("group.id", unique("read"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[out.as_str()]).unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} inputs came out", seen.len());
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            *seen.entry(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned()).or_default() += 1;
+        }
+    }
+    // Anything produced twice would arrive within a moment of the rest.
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(300), consumer.recv()).await {
+            *seen.entry(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned()).or_default() += 1;
+        }
+    }
+    shutdown.cancel();
+    stage.await.unwrap().expect("the stage stops cleanly");
+
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).map(|(id, _)| id.clone()).collect();
+    assert!(twice.is_empty(), "inputs that came out twice: {twice:?}");
+    assert!(!seen.contains_key("x"), "the aborted batch's bad output never commits");
+    let calls = processor.calls.lock().unwrap().clone();
+    assert!(calls.len() >= 4, "calls: {}", calls.len());
+    let in_flight = &calls[1];
+    let again = calls[2..].iter().flatten().filter(|id| in_flight.contains(id)).count();
+    assert_eq!(again, in_flight.len(), "the batch in flight when the first one aborted is read again whole");
+    assert!(calls[2..].iter().flatten().any(|id| calls[0].contains(id)), "the aborted batch is read again");
+}

@@ -158,6 +158,8 @@ pub async fn run(config: &Config, topology: &Topology, channel: &str, shutdown: 
         batch_max: config.dispatch.batch_max,
         batch_wait: Duration::from_millis(config.dispatch.batch_wait_ms),
         transaction_timeout: Duration::from_millis(config.dispatch.transaction_timeout_ms),
+        // The engine remembers decisions until their transaction commits (`committed`).
+        pipelined: false,
     };
     eos::run(k, &settings, &Stage(d.clone()), shutdown).await?;
     // Writes of a batch that did not commit (its records are read again by the next owner):

@@ -1,10 +1,17 @@
 //! The exactly-once stage loop: consume a batch, process it, then produce every output and
 //! commit the consumed offsets in one Kafka transaction (read_committed in, transactional out).
 //!
-//! - A batch is always finished (committed or aborted and rewound) before the consumer is
-//!   polled again, so a rebalance never finds processed-but-uncommitted work. A batch being
-//!   filled when the assignment changes is dropped whole and its partitions that are still
-//!   ours are rewound; the others' new owners read them again from the committed offsets.
+//! - A batch is finished (committed, or aborted and rewound) before the batch after the
+//!   next is collected. A plain stage finishes it before polling the consumer again. A
+//!   *pipelined* stage (`StageSettings::pipelined`, the router's) commits batch N on a task
+//!   of its own while it collects and processes batch N+1; N+1 is committed only after N,
+//!   in its own transaction, and when N's transaction fails N+1 is dropped and rewound too,
+//!   so both are read again in order. N's transaction carries the group metadata of when it
+//!   started: if the group rebalanced meanwhile, the coordinator refuses N's offsets, N
+//!   aborts and the new owner reads it again. A batch being filled when the assignment
+//!   changes is dropped whole and its partitions that are still ours are rewound; the
+//!   others' new owners read them again from the committed offsets. A batch that holds a
+//!   partition is never overlapped (the next batch would read past the held record).
 //! - A retryable processing error or an abortable transaction error aborts the transaction
 //!   and rewinds the batch's partitions; the batch is processed again after a backoff.
 //!   Side effects outside Kafka must therefore be idempotent (the router's are).
@@ -132,6 +139,10 @@ pub struct StageSettings {
     pub batch_max: usize,
     pub batch_wait: Duration,
     pub transaction_timeout: Duration,
+    /// Collect and process the next batch while this one commits (see the module docs).
+    /// The processor must then not need batch N committed to process batch N+1: its
+    /// `committed(N)` comes after `process(N+1)`.
+    pub pipelined: bool,
 }
 
 /// Whether the assignment changed since the loop last looked.
@@ -219,47 +230,73 @@ pub async fn run<P: Processor>(
 
     let mut paused: HashMap<(String, i32), i64> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
+    // A batch processed while the one before it committed (pipelined stages), not yet
+    // committed itself.
+    let mut ahead: Option<(Vec<OwnedMessage>, BatchResult)> = None;
     while !shutdown.is_cancelled() {
-        resume_due(&consumer, &mut paused);
-        let batch = match collect(&consumer, settings, &shutdown, &state, &mut paused).await {
-            Some(b) => b,
-            None => continue,
+        let (batch, result) = match ahead.take() {
+            Some(processed) => processed,
+            None => match next_batch(&consumer, settings, processor, &shutdown, &state, &mut paused).await? {
+                Next::Processed(b, r) => (b, r),
+                Next::Idle => continue,
+                Next::Failed(b, why) => {
+                    retry_later(&consumer, &b, &why, &mut backoff).await;
+                    continue;
+                }
+            },
         };
-        let result = match processor.process(&batch).await {
-            Ok(r) => r,
-            Err(StageError::Retryable(why)) => {
-                tracing::warn!(%why, records = batch.len(), ?backoff, "batch failed, rewinding to retry");
-                rewind(&consumer, &batch);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-            Err(StageError::Fatal(why)) => return Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
-        };
+        // Commit this batch on its own task; a pipelined stage collects and processes the
+        // next batch meanwhile. Not while this one holds a partition: the next would read
+        // past the held record.
+        let overlap = settings.pipelined && result.holds.is_empty();
+        let BatchResult { outputs, holds } = result;
+        let produced = outputs.len();
         let committing = std::time::Instant::now();
-        match commit_batch(&consumer, &producer, &batch, &result, timeout, settings.role, &shutdown).await {
+        let commit = start_commit(&consumer, &producer, &batch, &holds, outputs, timeout, settings.role, &shutdown);
+        let (committed, following) = if overlap {
+            tokio::join!(commit, next_batch(&consumer, settings, processor, &shutdown, &state, &mut paused))
+        } else {
+            (commit.await, Ok(Next::Idle))
+        };
+        match committed {
             Ok(()) => {
-                tracing::debug!(records = batch.len(), outputs = result.outputs.len(), commit_ms = committing.elapsed().as_millis() as u64, "batch committed");
+                tracing::debug!(records = batch.len(), outputs = produced, commit_ms = committing.elapsed().as_millis() as u64, overlapped = overlap, "batch committed");
                 events::waiting(settings.role, "kafka", false);
                 backoff = Duration::from_millis(100);
                 processor.committed(&batch);
                 // Local only (auto-commit is off): lets librdkafka report lag from them.
-                if let Ok(offsets) = next_offsets(&batch, &result.holds) {
+                if let Ok(offsets) = next_offsets(&batch, &holds) {
                     let _ = consumer.store_offsets(&offsets);
                 }
                 events::consumed(settings.role, "batch", batch.len() as u64);
-                events::produced(settings.role, "batch", result.outputs.len() as u64);
-                for h in &result.holds {
+                events::produced(settings.role, "batch", produced as u64);
+                for h in &holds {
                     hold(&consumer, h);
                     paused.insert((h.topic.clone(), h.partition), h.until_ms);
+                }
+                match following? {
+                    Next::Processed(b, r) => ahead = Some((b, r)),
+                    Next::Idle => {}
+                    Next::Failed(b, why) => retry_later(&consumer, &b, &why, &mut backoff).await,
                 }
             }
             Err(e) => {
                 events::waiting(settings.role, "kafka", true);
+                // The batch processed meanwhile came after this one: it is dropped and read
+                // again after it (its store effects are idempotent, like any retried batch).
+                if let Ok(Next::Processed(b, _) | Next::Failed(b, _)) = &following {
+                    tracing::info!(records = b.len(), "the batch after it is dropped and read again");
+                    rewind(&consumer, b);
+                }
+                following?;
                 tracing::warn!(error = %e, records = batch.len(), "transaction failed; aborting and reading the batch again from the committed offsets");
                 producer = match recover(producer, &e, cfg, settings, timeout, &shutdown).await? {
                     Some(p) => p,
-                    None => break, // shut down while waiting for the broker
+                    None => {
+                        // Shut down while waiting for the broker (nothing is processed ahead).
+                        tracing::info!(group = %settings.group_id, "stage stopped");
+                        return Ok(());
+                    }
                 };
                 rewind_to_committed(&consumer, &batch, &shutdown).await;
                 tokio::time::sleep(backoff).await;
@@ -267,8 +304,79 @@ pub async fn run<P: Processor>(
             }
         }
     }
+    if let Some((batch, result)) = ahead {
+        // Shutting down with a batch processed ahead: commit it rather than redo it.
+        let BatchResult { outputs, holds } = result;
+        match start_commit(&consumer, &producer, &batch, &holds, outputs, timeout, settings.role, &CancellationToken::new()).await {
+            Ok(()) => processor.committed(&batch),
+            Err(e) => {
+                tracing::warn!(error = %e, records = batch.len(), "the last batch did not commit; the next owner reads it again");
+                let _ = blocking(|| producer.abort_transaction(STEP_TIMEOUT));
+            }
+        }
+    }
     tracing::info!(group = %settings.group_id, "stage stopped");
     Ok(())
+}
+
+/// What the loop got when it asked for the next batch.
+enum Next {
+    /// Nothing to do (no records, shutdown, a rebalance dropped the batch).
+    Idle,
+    Processed(Vec<OwnedMessage>, BatchResult),
+    /// Processing failed retryably: the batch is to be read again after a backoff.
+    Failed(Vec<OwnedMessage>, String),
+}
+
+/// Collects a batch and processes it; a fatal processing error stops the stage.
+async fn next_batch<P: Processor>(
+    consumer: &StreamConsumer<StageContext>,
+    settings: &StageSettings,
+    processor: &P,
+    shutdown: &CancellationToken,
+    state: &Mutex<Revocations>,
+    paused: &mut HashMap<(String, i32), i64>,
+) -> Result<Next, BusError> {
+    resume_due(consumer, paused);
+    let Some(batch) = collect(consumer, settings, shutdown, state, paused).await else { return Ok(Next::Idle) };
+    match processor.process(&batch).await {
+        Ok(r) => Ok(Next::Processed(batch, r)),
+        Err(StageError::Retryable(why)) => Ok(Next::Failed(batch, why)),
+        Err(StageError::Fatal(why)) => Err(BusError::Config(format!("stage {} stopped: {why}", settings.role))),
+    }
+}
+
+/// A batch whose processing failed retryably: rewound, read again after a growing backoff.
+async fn retry_later(consumer: &StreamConsumer<StageContext>, batch: &[OwnedMessage], why: &str, backoff: &mut Duration) {
+    tracing::warn!(%why, records = batch.len(), ?backoff, "batch failed, rewinding to retry");
+    rewind(consumer, batch);
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+}
+
+/// Starts the batch's transaction (its outputs, then its offsets with the group metadata
+/// of now) on a task of its own, so the loop's task can go on with the next batch.
+#[allow(clippy::too_many_arguments)]
+fn start_commit(
+    consumer: &StreamConsumer<StageContext>,
+    producer: &FutureProducer,
+    batch: &[OwnedMessage],
+    holds: &[Hold],
+    outputs: Vec<Output>,
+    timeout: Duration,
+    role: &'static str,
+    shutdown: &CancellationToken,
+) -> impl Future<Output = Result<(), KafkaError>> {
+    let offsets = next_offsets(batch, holds);
+    let metadata = consumer.group_metadata().ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId));
+    let (producer, shutdown) = (producer.clone(), shutdown.clone());
+    let task = tokio::spawn(async move { commit_batch(&producer, &outputs, offsets?, metadata?, timeout, role, &shutdown).await });
+    async move {
+        match task.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
 }
 
 /// A transactional producer with transactions initialised, retried until the broker's
@@ -457,16 +565,16 @@ fn consume_error(settings: &StageSettings, e: &KafkaError) {
 
 /// Produces the outputs and commits the offsets, all in one transaction.
 async fn commit_batch(
-    consumer: &StreamConsumer<StageContext>,
     producer: &FutureProducer,
-    batch: &[OwnedMessage],
-    result: &BatchResult,
+    outputs: &[Output],
+    offsets: TopicPartitionList,
+    metadata: rdkafka::consumer::ConsumerGroupMetadata,
     timeout: Duration,
     role: &str,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaError> {
     producer.begin_transaction()?;
-    for o in &result.outputs {
+    for o in outputs {
         let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
         for (k, v) in &o.headers {
             headers = headers.insert(Header { key: k, value: Some(v) });
@@ -492,10 +600,6 @@ async fn commit_batch(
             }
         }
     }
-    let offsets = next_offsets(batch, &result.holds)?;
-    let metadata = consumer
-        .group_metadata()
-        .ok_or(KafkaError::MessageConsumption(RDKafkaErrorCode::InvalidGroupId))?;
     // A retriable error here (the broker is away, a request timed out) leaves the
     // transaction open: the same call is made again until it goes through or gives up.
     // Short calls, made again: a call that waits out a whole outage says nothing meanwhile.

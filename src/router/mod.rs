@@ -653,8 +653,11 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
         batch_max: r.batch_max,
         batch_wait: std::time::Duration::from_millis(r.batch_wait_ms),
         transaction_timeout: std::time::Duration::from_millis(r.transaction_timeout_ms),
+        pipelined: false,
     };
-    let main = settings("router", topics);
+    // The requests stage flushes its store writes inside `process`, so batch N+1's prefetch
+    // already sees batch N's claims and throttle hits while N's transaction commits.
+    let main = StageSettings { pipelined: r.pipelined, ..settings("router", topics) };
     let delay = settings("router-delay", vec![router.topics.delay.clone()]);
     let follower = tokio::spawn({
         let (k, topic, contacts, stop) = (k.clone(), router.topics.changes.clone(), router.contacts.clone(), shutdown.clone());
