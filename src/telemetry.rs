@@ -104,6 +104,7 @@ pub mod events {
     pub const API_WEBHOOK_REJECTED: &str = "herald_api_webhook_rejected_total";
     pub const API_WEBHOOK_UNMATCHED: &str = "herald_api_webhook_unmatched_total";
     pub const API_TRACKING: &str = "herald_api_tracking_hits_total";
+    pub const CACHE_LOOKUPS: &str = "herald_cache_lookups_total";
 
     pub(super) fn describe() {
         describe_counter!(OUTCOMES, "Outcome events emitted, by channel, provider and outcome.");
@@ -134,11 +135,18 @@ pub mod events {
         describe_counter!(API_WEBHOOK_REJECTED, "Provider webhooks refused for their signature, by provider and reason.");
         describe_counter!(API_WEBHOOK_UNMATCHED, "Webhook events whose message matched no known delivery, by provider.");
         describe_counter!(API_TRACKING, "Tracking pixel and click hits, by result (opened, clicked, invalid, unmatched).");
+        describe_counter!(CACHE_LOOKUPS, "Lookups in a role's in-memory caches, by cache (throttle, …) and result (hit, miss).");
     }
 
     /// An outcome event was emitted.
     pub fn outcome(channel: &str, provider: &str, outcome: &str) {
         counter!(OUTCOMES, "channel" => channel.to_string(), "provider" => provider.to_string(), "outcome" => outcome.to_string()).increment(1);
+    }
+
+    /// A batch's lookups in an in-memory cache.
+    pub fn cache(cache: &'static str, hits: u64, misses: u64) {
+        counter!(CACHE_LOOKUPS, "cache" => cache, "result" => "hit").increment(hits);
+        counter!(CACHE_LOOKUPS, "cache" => cache, "result" => "miss").increment(misses);
     }
 
     pub fn consumed(role: &'static str, topic: &str, n: u64) {

@@ -565,3 +565,50 @@ async fn sigkill_mid_stream_keeps_outputs_exactly_once_and_throttle_state() {
     let os = env.wait_outcomes(&req.event_id, Duration::from_secs(60), has("throttled", Some("email"))).await;
     assert!(os[0].reason.as_deref().unwrap().contains("2 promo per 1d"), "{:?}", os[0].reason);
 }
+
+/// A router keeps the throttle state of the users it owns (records keyed by their user on
+/// the requests topic) in memory, written through to the store: with a user's rows removed
+/// from the store behind its back it still counts that user's sends. When the assignment
+/// changes every replica forgets that state and reads the store again, so the limits kept
+/// in CQL hold across the rebalance (and across restarts: the SIGKILL test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_throttle_state_is_held_in_memory_and_read_again_after_a_rebalance() {
+    let env = start_router("").await;
+    let (held, kept) = (unique("held"), unique("kept"));
+    for user in [&held, &kept] {
+        env.user(user, true, false, &[], None).await;
+        for n in 0..2 {
+            let req = request(user, "promo", "promo", &[("n", &n.to_string())]);
+            env.send(&req).await;
+            env.wait_outcomes(&req.event_id, WAIT, has("routed", Some("email"))).await;
+        }
+    }
+    let ks = &env.config.store.keyspace;
+    env.store
+        .session
+        .query_unpaged(format!("DELETE FROM {ks}.throttle_hits_by_user WHERE user_id = ? AND category = 'promo'"), (&held,))
+        .await
+        .unwrap();
+    // A router reading the store would find no hits for `held` and admit this one.
+    let third = request(&held, "promo", "promo", &[("n", "3")]);
+    env.send(&third).await;
+    env.wait_outcomes(&third.event_id, WAIT, has("throttled", Some("email"))).await;
+
+    // A second replica joins: the assignment changes and every replica starts from the store.
+    env.spawn_env("router-b", &["router"], &[("HERALD__ROUTER__INSTANCE_ID", "b")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(env.log("router-b").contains("partitions assigned") && env.log("router").contains("throttle cache emptied")) {
+        assert!(std::time::Instant::now() < deadline, "no rebalance seen:\n{}\n{}", common::env::tail(&env.log("router"), 10), common::env::tail(&env.log("router-b"), 10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // `kept`'s two hits are in CQL: its third is throttled by whichever replica owns it now.
+    let kept_third = request(&kept, "promo", "promo", &[("n", "3")]);
+    env.send(&kept_third).await;
+    let os = env.wait_outcomes(&kept_third.event_id, Duration::from_secs(60), has("throttled", Some("email"))).await;
+    assert!(os[0].reason.as_deref().unwrap().contains("2 promo per 1d"), "{:?}", os[0].reason);
+    // `held`'s rows were removed (and its throttled third wrote none), so the store says it
+    // has no hits: after the rebalance its next request gets through.
+    let fourth = request(&held, "promo", "promo", &[("n", "4")]);
+    env.send(&fourth).await;
+    env.wait_outcomes(&fourth.event_id, Duration::from_secs(60), has("routed", Some("email"))).await;
+}

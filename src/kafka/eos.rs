@@ -125,6 +125,10 @@ pub trait Processor: Send + Sync {
 
     /// The transaction carrying `batch`'s outputs and offsets committed.
     fn committed(&self, _batch: &[OwnedMessage]) {}
+
+    /// The consumer's assignment changed (noticed before the next batch is processed):
+    /// state kept for the partitions this stage owned may be another replica's now.
+    fn assignment_changed(&self) {}
 }
 
 /// How a stage consumes and commits.
@@ -149,6 +153,8 @@ pub struct StageSettings {
 #[derive(Default)]
 struct Revocations {
     rebalanced: bool,
+    /// For [`Processor::assignment_changed`]: set with `rebalanced`, taken separately.
+    changed: bool,
 }
 
 struct StageContext {
@@ -187,6 +193,7 @@ impl ConsumerContext for StageContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut s = self.state.lock().unwrap();
         s.rebalanced = true;
+        s.changed = true;
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions revoked");
         }
@@ -338,7 +345,11 @@ async fn next_batch<P: Processor>(
     paused: &mut HashMap<(String, i32), i64>,
 ) -> Result<Next, BusError> {
     resume_due(consumer, paused);
-    let Some(batch) = collect(consumer, settings, shutdown, state, paused).await else { return Ok(Next::Idle) };
+    let batch = collect(consumer, settings, shutdown, state, paused).await;
+    if std::mem::take(&mut state.lock().unwrap().changed) {
+        processor.assignment_changed();
+    }
+    let Some(batch) = batch else { return Ok(Next::Idle) };
     match processor.process(&batch).await {
         Ok(r) => Ok(Next::Processed(batch, r)),
         Err(StageError::Retryable(why)) => Ok(Next::Failed(batch, why)),

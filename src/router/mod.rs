@@ -63,7 +63,18 @@ pub struct Router {
     topics: Topics,
     /// Trigger mapping by upstream topic name.
     triggers: HashMap<String, TriggerConfig>,
+    /// Throttle hits of the users this router owns (see [`ThrottleCache`]).
+    throttle: ThrottleCache,
 }
+
+/// Write-through copy of the throttle partitions (user × category → channel → hits) of the
+/// users whose records this router owns: records on the requests topic keyed by their
+/// user id ([`policy::claim_by`] says `ReadWrite`), which one router at a time reads. Filled
+/// from the store on first use, updated after a batch's writes are in the store, emptied
+/// when the assignment changes (the next owner reads the rows, which stay in CQL, so limits
+/// survive restarts and rebalances) and after `router.cache_ttl`. A user with a record of
+/// another kind in a batch (a trigger topic, another key) is read from the store.
+type ThrottleCache = moka::future::Cache<(String, String), Arc<HashMap<String, Vec<ThrottleHit>>>>;
 
 /// Topic names from the topology.
 #[derive(Debug, Clone)]
@@ -144,6 +155,9 @@ struct BatchState {
     contacts: HashMap<String, contacts::Cached>,
     /// (user, channel, category) → hits.
     hits: HashMap<(String, String, String), Vec<ThrottleHit>>,
+    /// (user, category) of the throttle partitions this router owns, to write back to the
+    /// throttle cache once the batch's writes are in the store.
+    owned_throttle: Vec<(String, String)>,
 }
 
 /// Store writes a batch makes, flushed before its Kafka transaction commits.
@@ -186,6 +200,7 @@ impl Router {
             },
             topics: Topics::from(topology)?,
             triggers,
+            throttle: moka::future::Cache::builder().max_capacity(r.cache_max_entries).time_to_live(r.cache_ttl).build(),
             cfg: r.clone(),
         })
     }
@@ -239,9 +254,9 @@ impl Router {
         let mut seen = HashSet::new();
         let mut users = Vec::new();
         let mut seen_users = HashSet::new();
-        // Category → the users whose limits in it the batch checks (one partition each).
-        let mut throttled: HashMap<&str, Vec<&str>> = HashMap::new();
-        let mut seen_keys = HashSet::new();
+        // (user, category) → whether every record of it in the batch is owned (cacheable).
+        let mut throttled_keys: Vec<(&str, &str)> = Vec::new();
+        let mut owned: HashMap<(&str, &str), bool> = HashMap::new();
         for (src, r) in ready {
             if seen_users.insert(r.req.user_id.as_str()) {
                 users.push(r.req.user_id.as_str());
@@ -256,10 +271,40 @@ impl Router {
                 }
             }
             let policy = &self.cfg.categories[&r.req.category];
-            if policy.throttle_limit.is_some() && policy.throttle_window.is_some() && seen_keys.insert((r.req.user_id.as_str(), r.req.category.as_str())) {
-                throttled.entry(r.req.category.as_str()).or_default().push(r.req.user_id.as_str());
+            if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
+                let key = (r.req.user_id.as_str(), r.req.category.as_str());
+                let mine = policy::claim_by(&self.cfg.dedup_mode, src.msg.topic(), &self.topics.requests, src.msg.key(), &r.req.user_id) == policy::ClaimBy::ReadWrite;
+                match owned.entry(key) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(mine);
+                        throttled_keys.push(key);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut o) => *o.get_mut() &= mine,
+                }
             }
         }
+        // Category → the users whose limits in it are read from the store (one partition
+        // each); owned ones the throttle cache holds are not.
+        let mut throttled: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut cached_hits = HashMap::new();
+        let mut owned_throttle = Vec::new();
+        let (mut cache_hits, mut cache_misses) = (0, 0);
+        for key in throttled_keys {
+            let (user, cat) = key;
+            if owned[&key] {
+                owned_throttle.push((user.to_string(), cat.to_string()));
+                if let Some(hits) = self.throttle.get(&(user.to_string(), cat.to_string())).await {
+                    cache_hits += 1;
+                    for (ch, h) in hits.iter() {
+                        cached_hits.insert((user.to_string(), ch.clone(), cat.to_string()), h.clone());
+                    }
+                    continue;
+                }
+                cache_misses += 1;
+            }
+            throttled.entry(cat).or_default().push(user);
+        }
+        events::cache("throttle", cache_hits, cache_misses);
         let ttl = self.cfg.dedup_ttl;
         // Transactions return each id's owner (this record, or the one before it); reads return
         // the existing claims only, and `decide` writes a claim for the ids without one.
@@ -274,7 +319,9 @@ impl Router {
             Ok::<_, crate::store::StoreError>(found.into_iter().map(|((u, ch), h)| ((u, ch, cat.to_string()), h)).collect::<Vec<_>>())
         }));
         let (owners, contacts, hits) = tokio::try_join!(owners, contacts, hits).map_err(StageError::classify)?;
-        Ok(BatchState { owners, contacts, hits: hits.into_iter().flatten().collect(), passed: HashSet::new() })
+        let mut hits: HashMap<_, _> = hits.into_iter().flatten().collect();
+        hits.extend(cached_hits);
+        Ok(BatchState { owners, contacts, hits, passed: HashSet::new(), owned_throttle })
     }
 
     /// Flushes the batch's store writes (before its Kafka transaction commits; all are
@@ -284,6 +331,33 @@ impl Router {
         tokio::try_join!(self.store.record_events(&claims, self.cfg.dedup_ttl, &writes.log), self.store.put_throttle_hits(&writes.hits))
         .map_err(StageError::classify)?;
         Ok(())
+    }
+
+    /// After a batch's writes are in the store: its owned throttle partitions, as decided,
+    /// into the throttle cache (hits older than the category's window dropped).
+    async fn remember_throttle(&self, st: &BatchState) {
+        if st.owned_throttle.is_empty() {
+            return;
+        }
+        let mut by_key: HashMap<(&str, &str), HashMap<String, Vec<ThrottleHit>>> =
+            st.owned_throttle.iter().map(|(u, c)| ((u.as_str(), c.as_str()), HashMap::new())).collect();
+        let now = chrono::Utc::now();
+        for ((user, ch, cat), hits) in &st.hits {
+            if let Some(m) = by_key.get_mut(&(user.as_str(), cat.as_str())) {
+                let window = self.cfg.categories.get(cat).and_then(|p| p.throttle_window).unwrap_or_default();
+                let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+                m.insert(ch.clone(), hits.iter().filter(|h| h.at > since).cloned().collect());
+            }
+        }
+        for ((user, cat), m) in by_key {
+            self.throttle.insert((user.to_string(), cat.to_string()), Arc::new(m)).await;
+        }
+    }
+
+    /// The assignment changed: the throttle partitions this router owned may be another's now.
+    fn forget_owned_state(&self) {
+        self.throttle.invalidate_all();
+        tracing::debug!("assignment changed: throttle cache emptied");
     }
 
     /// Decides one staged record with the batch's state: outputs and store writes.
@@ -598,6 +672,7 @@ impl Router {
         }
         let t_decide = t0.elapsed();
         self.flush(&writes).await?;
+        self.remember_throttle(&state).await;
         tracing::debug!(
             records = batch.len(),
             outputs = outputs.len(),
@@ -625,6 +700,10 @@ struct Requests(Arc<Router>);
 impl Processor for Requests {
     async fn process(&self, batch: &[OwnedMessage]) -> Result<BatchResult, StageError> {
         self.0.route_batch(batch, false).await
+    }
+
+    fn assignment_changed(&self) {
+        self.0.forget_owned_state();
     }
 }
 
