@@ -6,6 +6,9 @@
 //! is poison (never decodable: bad bytes, unknown schema id, missing fields) or the
 //! registry is merely unavailable (retry).
 
+use std::sync::Arc;
+
+use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{from_value, Schema};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
@@ -40,6 +43,14 @@ impl Classify for CodecError {
 pub struct Codec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
+    /// Per topic: the schema id and a writer for its latest value schema, built once.
+    writers: std::sync::RwLock<std::collections::HashMap<String, Arc<TopicWriter>>>,
+}
+
+/// A topic's value schema, ready to write: its registry id and a datum writer over it.
+struct TopicWriter {
+    id: u32,
+    writer: GenericDatumWriter<'static>,
 }
 
 impl Codec {
@@ -47,25 +58,53 @@ impl Codec {
         Ok(Codec {
             encoder: AvroEncoder::new(schemas::sr_settings(cfg)?),
             decoder: AvroDecoder::new(schemas::sr_settings(cfg)?),
+            writers: Default::default(),
         })
     }
 
     /// Encodes `value` with the latest schema of subject `<topic>-value`.
+    ///
+    /// The schema is fetched once per topic (as the converter's own cache does) and its
+    /// writer kept: a record is then one buffer, the 5-byte Confluent header followed by the
+    /// Avro body, serialised in place (the converter's `encode_struct` re-resolves the schema,
+    /// takes a map entry lock and copies the body behind the header on every call).
     pub async fn encode<T: Serialize>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+        let cached = self.writers.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned();
+        let w = match cached {
+            Some(w) => w,
+            None => self.writer(topic).await?,
+        };
+        let mut buf = Vec::with_capacity(256);
+        buf.push(0);
+        buf.extend_from_slice(&w.id.to_be_bytes());
+        w.writer.write_ser(&mut buf, value).map_err(|e| CodecError::Encode { topic: topic.to_string(), detail: e.to_string() })?;
+        Ok(buf)
+    }
+
+    /// The topic's writer, from the registry (the latest schema of `<topic>-value`).
+    async fn writer(&self, topic: &str) -> Result<Arc<TopicWriter>, CodecError> {
+        let err = |e: schema_registry_converter::error::SRCError| {
+            if e.retriable {
+                CodecError::Unavailable(e.to_string())
+            } else {
+                CodecError::Encode { topic: topic.to_string(), detail: e.to_string() }
+            }
+        };
         let strategy = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
-        self.encoder
-            .encode_struct(value, &strategy)
-            .await
-            .map_err(|e| {
-                if e.retriable {
-                    CodecError::Unavailable(e.to_string())
-                } else {
-                    CodecError::Encode {
-                        topic: topic.to_string(),
-                        detail: e.to_string(),
-                    }
-                }
-            })
+        let subject = strategy.get_subject().map_err(err)?;
+        let schema = self.encoder.get_schema_and_id(&subject, strategy).await.map_err(err)?;
+        let mut writers = self.writers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = writers.get(topic) {
+            return Ok(w.clone());
+        }
+        // Once per topic and process (the writer borrows its schema for as long as it lives).
+        let parsed: &'static Schema = Box::leak(Box::new(schema.parsed.clone()));
+        let writer = GenericDatumWriter::builder(parsed)
+            .build()
+            .map_err(|e| CodecError::Encode { topic: topic.to_string(), detail: e.to_string() })?;
+        let w = Arc::new(TopicWriter { id: schema.id, writer });
+        writers.insert(topic.to_string(), w.clone());
+        Ok(w)
     }
 
     /// Encodes a generic Avro value with the latest schema of `<topic>-value`.

@@ -140,7 +140,20 @@ pub mod events {
 
     /// An outcome event was emitted.
     pub fn outcome(channel: &str, provider: &str, outcome: &str) {
-        counter!(OUTCOMES, "channel" => channel.to_string(), "provider" => provider.to_string(), "outcome" => outcome.to_string()).increment(1);
+        counter!(OUTCOMES, "channel" => label(channel), "provider" => label(provider), "outcome" => label(outcome)).increment(1);
+    }
+
+    /// A label value without an allocation when it is one of the values herald emits on hot
+    /// paths (channels, providers, the router's and dispatcher's statuses).
+    fn label(value: &str) -> metrics::SharedString {
+        const KNOWN: &[&str] = &[
+            "-", "apns", "fcm", "sms", "email", "push", "twilio", "vonage", "sendgrid", "mandrill", "routed", "sent", "failed", "duplicate", "expired", "throttled",
+            "opted_out", "no_address", "unknown_user", "held", "rejected", "template_error", "retry_scheduled", "dead_lettered", "invalid_address",
+        ];
+        match KNOWN.iter().find(|k| **k == value) {
+            Some(k) => metrics::SharedString::const_str(k),
+            None => metrics::SharedString::from(value.to_string()),
+        }
     }
 
     /// A batch's lookups in an in-memory cache.

@@ -79,6 +79,51 @@ async fn avro_notification_requested_round_trips_through_kafka() {
     let reader = herald::schemas::schema("NotificationRequested").unwrap();
     let got: NotificationRequested = codec.decode(msg.payload(), &reader).await.expect("decode");
     assert_eq!(got, sent);
+
+    // herald's encoder writes exactly what schema_registry_converter's encode_struct writes
+    // (the same schema id and Avro body), for every record kind it produces.
+    let converter = schema_registry_converter::async_impl::avro::AvroEncoder::new(herald::schemas::sr_settings(&c.registry).unwrap());
+    let by_converter = |topic: &str| schema_registry_converter::schema_registry_common::SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
+    assert_eq!(bytes, converter.encode_struct(&sent, &by_converter(topic)).await.unwrap(), "NotificationRequested");
+    let delivery = ChannelDelivery {
+        delivery_id: delivery_id(&sent.event_id, "email", "a@example.com"),
+        event_id: sent.event_id.clone(),
+        user_id: sent.user_id.clone(),
+        category: sent.category.clone(),
+        template_id: sent.template_id.clone(),
+        channel: "email".into(),
+        address: "a@example.com".into(),
+        device_id: None,
+        locale: "en".into(),
+        priority: Priority::High,
+        content: RenderedContent { title: Some("t".into()), body: Some("b\u{e9}".into()), data: [("k".to_string(), "v".to_string())].into(), subject: Some("s".into()), ..Default::default() },
+        attempt: 2,
+        not_before: Some(1),
+        deadline: 2,
+        created_at: 3,
+        last_error: Some("e".into()),
+        last_provider: None,
+    };
+    let dt = t.name("delivery.email").unwrap();
+    assert_eq!(codec.encode(dt, &delivery).await.unwrap(), converter.encode_struct(&delivery, &by_converter(dt)).await.unwrap(), "ChannelDelivery");
+    let outcome = DeliveryOutcome {
+        outcome_id: "o".into(),
+        event_id: sent.event_id.clone(),
+        delivery_id: Some(delivery.delivery_id.clone()),
+        user_id: None,
+        category: Some("billing".into()),
+        channel: Some("email".into()),
+        provider: Some("sendgrid".into()),
+        status: "sent".into(),
+        reason: None,
+        provider_message_id: Some("m".into()),
+        attempt: 1,
+        latency_ms: Some(12),
+        occurred_at: 4,
+        requested_at: Some(3),
+    };
+    let ot = t.name("outcomes").unwrap();
+    assert_eq!(codec.encode(ot, &outcome).await.unwrap(), converter.encode_struct(&outcome, &by_converter(ot)).await.unwrap(), "DeliveryOutcome");
 }
 
 #[tokio::test]

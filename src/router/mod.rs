@@ -24,6 +24,8 @@ pub mod policy;
 pub mod triggers;
 
 use std::collections::{HashMap, HashSet};
+
+use foldhash::{HashMap as FastMap, HashMapExt, HashSet as FastSet, HashSetExt};
 use std::sync::Arc;
 
 use apache_avro::Schema;
@@ -151,10 +153,10 @@ struct BatchState {
     /// event id → who claimed it (claimed by transaction: after claiming; by read: existing).
     owners: HashMap<String, DedupClaim>,
     /// Records (by claimant) that already went through in this batch.
-    passed: HashSet<DedupClaim>,
+    passed: FastSet<DedupClaim>,
     contacts: HashMap<String, contacts::Cached>,
     /// (user, channel, category) → hits.
-    hits: HashMap<(String, String, String), Vec<ThrottleHit>>,
+    hits: FastMap<(String, String, String), Vec<ThrottleHit>>,
     /// (user, category) of the throttle partitions this router owns, to write back to the
     /// throttle cache once the batch's writes are in the store.
     owned_throttle: Vec<(String, String)>,
@@ -251,12 +253,12 @@ impl Router {
     async fn prefetch(&self, ready: &[(&Source<'_>, &Ready)]) -> Result<BatchState, StageError> {
         // First sight of each event id in the batch, by how it is claimed.
         let (mut transact, mut read): (Vec<(&str, DedupClaim)>, Vec<&str>) = (Vec::new(), Vec::new());
-        let mut seen = HashSet::new();
+        let mut seen = FastSet::new();
         let mut users = Vec::new();
-        let mut seen_users = HashSet::new();
+        let mut seen_users = FastSet::new();
         // (user, category) → whether every record of it in the batch is owned (cacheable).
         let mut throttled_keys: Vec<(&str, &str)> = Vec::new();
-        let mut owned: HashMap<(&str, &str), bool> = HashMap::new();
+        let mut owned: FastMap<(&str, &str), bool> = FastMap::new();
         for (src, r) in ready {
             if seen_users.insert(r.req.user_id.as_str()) {
                 users.push(r.req.user_id.as_str());
@@ -285,8 +287,8 @@ impl Router {
         }
         // Category → the users whose limits in it are read from the store (one partition
         // each); owned ones the throttle cache holds are not.
-        let mut throttled: HashMap<&str, Vec<&str>> = HashMap::new();
-        let mut cached_hits = HashMap::new();
+        let mut throttled: FastMap<&str, Vec<&str>> = FastMap::new();
+        let mut cached_hits = FastMap::new();
         let mut owned_throttle = Vec::new();
         let (mut cache_hits, mut cache_misses) = (0, 0);
         for key in throttled_keys {
@@ -319,9 +321,9 @@ impl Router {
             Ok::<_, crate::store::StoreError>(found.into_iter().map(|((u, ch), h)| ((u, ch, cat.to_string()), h)).collect::<Vec<_>>())
         }));
         let (owners, contacts, hits) = tokio::try_join!(owners, contacts, hits).map_err(StageError::classify)?;
-        let mut hits: HashMap<_, _> = hits.into_iter().flatten().collect();
+        let mut hits: FastMap<_, _> = hits.into_iter().flatten().collect();
         hits.extend(cached_hits);
-        Ok(BatchState { owners, contacts, hits, passed: HashSet::new(), owned_throttle })
+        Ok(BatchState { owners, contacts, hits, passed: FastSet::new(), owned_throttle })
     }
 
     /// Flushes the batch's store writes (before its Kafka transaction commits; all are
@@ -339,7 +341,7 @@ impl Router {
         if st.owned_throttle.is_empty() {
             return;
         }
-        let mut by_key: HashMap<(&str, &str), HashMap<String, Vec<ThrottleHit>>> =
+        let mut by_key: FastMap<(&str, &str), HashMap<String, Vec<ThrottleHit>>> =
             st.owned_throttle.iter().map(|(u, c)| ((u.as_str(), c.as_str()), HashMap::new())).collect();
         let now = chrono::Utc::now();
         for ((user, ch, cat), hits) in &st.hits {
