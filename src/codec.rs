@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{from_value, Schema};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
@@ -45,6 +46,9 @@ pub struct Codec {
     decoder: AvroDecoder,
     /// Per topic: the schema id and a writer for its latest value schema, built once.
     writers: std::sync::RwLock<std::collections::HashMap<String, Arc<TopicWriter>>>,
+    /// Per writer schema id and reader name: a reader straight from the bytes
+    /// when the two schemas are one.
+    readers: std::sync::RwLock<std::collections::HashMap<u32, Vec<(Option<apache_avro::schema::Name>, Option<Arc<GenericDatumReader<'static>>>)>>>,
 }
 
 /// A topic's value schema, ready to write: its registry id and a datum writer over it.
@@ -59,6 +63,7 @@ impl Codec {
             encoder: AvroEncoder::new(schemas::sr_settings(cfg)?),
             decoder: AvroDecoder::new(schemas::sr_settings(cfg)?),
             writers: Default::default(),
+            readers: Default::default(),
         })
     }
 
@@ -130,6 +135,14 @@ impl Codec {
         reader: &Schema,
     ) -> Result<T, CodecError> {
         let bytes = framed(bytes)?;
+        // The writer's schema is herald's own (the usual case): deserialise straight from the
+        // bytes. Otherwise resolve writer against reader through an Avro value.
+        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        if let Some(direct) = self.direct_reader(id, reader).await? {
+            return direct
+                .read_deser::<T>(&mut &bytes[5..])
+                .map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))));
+        }
         let decoded = self.decoder.decode(Some(bytes)).await.map_err(decode_err)?;
         let resolved = decoded
             .value
@@ -156,6 +169,29 @@ fn decode_err(e: schema_registry_converter::error::SRCError) -> CodecError {
         CodecError::Unavailable(e.to_string())
     } else {
         CodecError::Poison(e.to_string())
+    }
+}
+
+impl Codec {
+    /// A reader for schema `id` when it is `reader` itself (same canonical form), built once
+    /// per (id, reader's name); `None` when the writer's schema differs and must be resolved.
+    /// herald has one reader schema per record name (`schemas::schema`).
+    async fn direct_reader(&self, id: u32, reader: &Schema) -> Result<Option<Arc<GenericDatumReader<'static>>>, CodecError> {
+        let name = reader.name();
+        if let Some(known) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&id).and_then(|v| v.iter().find(|(n, _)| n.as_ref() == name)) {
+            return Ok(known.1.clone());
+        }
+        let writer = self.decoder.get_schema(id).await.map_err(decode_err)?;
+        let direct = if writer.parsed.canonical_form() == reader.canonical_form() {
+            // Once per schema id and process (the reader borrows its schema while it lives).
+            let parsed: &'static Schema = Box::leak(Box::new(writer.parsed.clone()));
+            let r = GenericDatumReader::builder(parsed).build().map_err(|e| CodecError::Poison(format!("schema {id}: {e}")))?;
+            Some(Arc::new(r))
+        } else {
+            None
+        };
+        self.readers.write().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().push((name.cloned(), direct.clone()));
+        Ok(direct)
     }
 }
 

@@ -124,6 +124,18 @@ async fn avro_notification_requested_round_trips_through_kafka() {
     };
     let ot = t.name("outcomes").unwrap();
     assert_eq!(codec.encode(ot, &outcome).await.unwrap(), converter.encode_struct(&outcome, &by_converter(ot)).await.unwrap(), "DeliveryOutcome");
+    // And decodes them straight from the bytes (the writer's schema is herald's own) to the
+    // same values as through a resolved Avro value.
+    let bytes = codec.encode(dt, &delivery).await.unwrap();
+    let got: ChannelDelivery = codec.decode(Some(&bytes), &herald::schemas::schema("ChannelDelivery").unwrap()).await.unwrap();
+    assert_eq!(got, delivery);
+    let bytes = codec.encode(ot, &outcome).await.unwrap();
+    let got: DeliveryOutcome = codec.decode(Some(&bytes), &herald::schemas::schema("DeliveryOutcome").unwrap()).await.unwrap();
+    assert_eq!(got, outcome);
+    let mut truncated = bytes.clone();
+    truncated.truncate(bytes.len() - 3);
+    let err = codec.decode::<DeliveryOutcome>(Some(&truncated), &herald::schemas::schema("DeliveryOutcome").unwrap()).await.unwrap_err();
+    assert!(matches!(err, herald::codec::CodecError::Poison(_)), "{err}");
 }
 
 #[tokio::test]
