@@ -18,8 +18,12 @@ pub fn stack_pid(component: &str) -> Option<u32> {
     // The same defaults as scripts/stack: $HERALD_STACK_DIR, else $HERALD_CACHE/stack.
     let cache = std::env::var_os("HERALD_CACHE").map(std::path::PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herald")))?;
     let dir = std::env::var_os("HERALD_STACK_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| cache.join("stack"));
-    let pid: u32 = std::fs::read_to_string(dir.join("run").join(format!("{component}.pid"))).ok()?.trim().parse().ok()?;
-    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let file = dir.join("run").join(format!("{component}.pid"));
+    let pid = std::fs::read_to_string(&file).ok().and_then(|p| p.trim().parse::<u32>().ok()).filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    if pid.is_none() {
+        eprintln!("bench: no running {component} in {} (set HERALD_STACK_DIR to the stack in use): its CPU reads as 0", file.display());
+    }
+    pid
 }
 
 /// CPU seconds of each of `pids` so far (0 for `None`).
