@@ -354,7 +354,10 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         Ok(())
     }
 
-    /// This batch's in-flight range per partition: the offsets of deliveries to send.
+    /// This batch's in-flight range per partition: the offsets of deliveries to send. The
+    /// row is one per partition, so while a range inherited from a stopped process reaches
+    /// past this batch, it is written as the union of the two: a process that stops before
+    /// getting to the rest of the inherited range leaves it recorded for the next one.
     fn ranges(&self, work: &[(usize, Pos, ChannelDelivery)], found: &HashMap<String, SentRecord>) -> Vec<InflightRange> {
         let mut by_partition: HashMap<(&str, i32), (i64, i64)> = HashMap::new();
         for (_, pos, _) in work.iter().filter(|(_, _, d)| !found.contains_key(&d.delivery_id)) {
@@ -362,6 +365,16 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
             r.0 = r.0.min(pos.offset);
             r.1 = r.1.max(pos.offset);
         }
+        let foreign = self.foreign.lock().unwrap();
+        for ((topic, partition), r) in by_partition.iter_mut() {
+            if let Some((first, last)) = foreign.get(&(topic.to_string(), *partition)) {
+                if *last > r.1 {
+                    r.0 = r.0.min(*first);
+                    r.1 = *last;
+                }
+            }
+        }
+        drop(foreign);
         by_partition
             .into_iter()
             .map(|((topic, partition), (first_offset, last_offset))| InflightRange { topic: topic.to_string(), partition, owner: self.owner.clone(), first_offset, last_offset })
@@ -722,6 +735,30 @@ mod tests {
         // B processing the same records again (its transaction aborted) counts nothing more.
         b.process(items("email", 0..10)).await.unwrap();
         assert_eq!((providers.total(), b.uncertain_resends()), (15, 5));
+    }
+
+    /// A taker-over that dies after sending only part of the range it inherited must leave
+    /// the rest of that range recorded: the next one counts those re-sends too.
+    #[tokio::test]
+    async fn an_inherited_range_survives_a_second_takeover() {
+        let (data, providers) = (MemoryStore::default(), Arc::new(FakeProviders::default()));
+        // A sends d0-d9 and dies before any sent record is written.
+        let a_store = Arc::new(data.handle());
+        let a = engine_on(a_store.clone(), &providers, "email");
+        a_store.set_writes_down(true);
+        assert!(a.process(items("email", 0..10)).await.is_err());
+        drop(a);
+        // B takes over and gets only d0-d4 in its first batch: re-sent (counted) and recorded.
+        let b = engine_on(Arc::new(data.handle()), &providers, "email");
+        b.process(items("email", 0..5)).await.unwrap();
+        assert_eq!((providers.total(), b.uncertain_resends()), (15, 5));
+        drop(b);
+        // C takes over from the committed offset 0: d0-d4 are recorded, d5-d9 are not, and A
+        // may have sent them: still uncertain, and counted.
+        let c = engine_on(Arc::new(data.handle()), &providers, "email");
+        c.process(items("email", 0..10)).await.unwrap();
+        assert_eq!(providers.total(), 20, "d5-d9 sent again, d0-d4 not");
+        assert_eq!(c.uncertain_resends(), 5, "A's range was kept when B wrote its own");
     }
 
     #[tokio::test]

@@ -169,7 +169,20 @@ impl Env {
     /// Produces a request (Avro, registry) keyed by user; returns (partition, offset).
     pub async fn send(&self, req: &NotificationRequested) -> (i32, i64) {
         let topic = self.topic("requests");
-        let bytes = self.codec.encode(&topic, req).await.unwrap();
+        // A registry call that failed in transit is retried, as herald's producers do (it
+        // happened once at the start of a fault test on a loaded machine); a refusal is not.
+        let mut tries = 0;
+        let bytes = loop {
+            match self.codec.encode(&topic, req).await {
+                Ok(b) => break b,
+                Err(e @ herald::codec::CodecError::Unavailable(_)) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("env.send: registry unavailable ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("encode a request: {e}"),
+            }
+        };
         self.send_raw(&topic, Some(req.user_id.as_bytes()), &bytes).await
     }
 
