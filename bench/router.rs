@@ -259,13 +259,7 @@ async fn sample_outputs(env: &Env) -> Vec<herald::kafka::eos::Output> {
     let mut out = Vec::new();
     for (id, take) in [("delivery.email", 1), ("delivery.apns", 1), ("delivery.fcm", 1), ("outcomes", 3)] {
         let topic = env.topic(id);
-        let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "bench-sample")
-            .set("group.id", unique("bench-sample"))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[topic.as_str()]).unwrap();
+        let consumer = env.committed_reader(&topic, "bench-sample");
         for _ in 0..take {
             let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a router output").unwrap();
             let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
@@ -519,13 +513,7 @@ async fn transactional_passthrough(env: &Env, topic: &str, n: usize, sample: &[h
 /// outputs went out (its step timings in the router's log). Then the peak RSS.
 async fn wait_routed(env: &Env, name: &str, n: usize, pid: u32, since: i64) -> (Duration, u64) {
     let topic = env.topic("outcomes");
-    let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "bench-count")
-        .set("group.id", unique("bench-count"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic.as_str()]).unwrap();
+    let consumer = env.committed_reader(&topic, "bench-count");
     let (mut count, mut first, mut last) = (0usize, i64::MAX, 0i64);
     while count < 3 * n {
         let m = tokio::time::timeout(Duration::from_secs(120), consumer.recv())

@@ -529,13 +529,7 @@ async fn a_pipelined_stage_whose_transaction_aborts_reads_the_batch_in_flight_ag
         async move { eos::run(&kafka, &settings, processor.as_ref(), shutdown).await }
     });
 
-    let consumer: StreamConsumer = herald::kafka::client_config(&env.config.kafka, "test-read")
-        .set("group.id", unique("read"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[out.as_str()]).unwrap();
+    let consumer = env.committed_reader(&out, "test-read");
     let mut seen: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.len() < n {

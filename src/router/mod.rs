@@ -294,8 +294,10 @@ impl Router {
         for key in throttled_keys {
             let (user, cat) = key;
             if owned[&key] {
-                owned_throttle.push((user.to_string(), cat.to_string()));
-                if let Some(hits) = self.throttle.get(&(user.to_string(), cat.to_string())).await {
+                let owned_key = (user.to_string(), cat.to_string());
+                let cached = self.throttle.get(&owned_key).await;
+                owned_throttle.push(owned_key);
+                if let Some(hits) = cached {
                     cache_hits += 1;
                     for (ch, h) in hits.iter() {
                         cached_hits.insert((user.to_string(), ch.clone(), cat.to_string()), h.clone());

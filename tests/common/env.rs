@@ -262,6 +262,18 @@ impl Env {
         }
     }
 
+    /// A consumer of `topic` from its start, read_committed, in a group of its own.
+    pub fn committed_reader(&self, topic: &str, tag: &str) -> StreamConsumer {
+        let consumer: StreamConsumer = herald::kafka::client_config(&self.config.kafka, tag)
+            .set("group.id", unique(tag))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        consumer
+    }
+
     /// Reads every output topic from the start, read_committed, into `seen`.
     async fn collect(&self) {
         let consumer: StreamConsumer = herald::kafka::client_config(&self.config.kafka, "collector")
