@@ -238,7 +238,11 @@ async fn server_side(http: &reqwest::Client, base: &str) -> (f64, f64) {
     };
     let count = |le: &str| {
         text.lines()
-            .filter(|l| l.starts_with("herald_api_request_duration_seconds_bucket{") && l.contains("route=\"/v1/notifications\"") && l.contains(&format!("le=\"{le}\"")))
+            .filter(|l| {
+                l.starts_with("herald_api_request_duration_seconds_bucket{")
+                    && l.contains("route=\"/v1/notifications\"")
+                    && l.contains(&format!("le=\"{le}\""))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
@@ -308,7 +312,13 @@ async fn open_loop_with(work: Work, rate: f64, seconds: u64, clients: u64) -> St
     let mut worst: Vec<_> = slow_windows.iter().collect();
     worst.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
     let worst: Vec<String> = worst.iter().take(8).map(|(w, n)| format!("{:.1}s:{n}", **w as f64 / 10.0)).collect();
-    println!("open loop from {}: {slow} requests over 10 ms, in {} of {} 100 ms windows; worst: {}", wall.format("%H:%M:%S%.3f"), slow_windows.len(), seconds * 10, worst.join(" "));
+    println!(
+        "open loop from {}: {slow} requests over 10 ms, in {} of {} 100 ms windows; worst: {}",
+        wall.format("%H:%M:%S%.3f"),
+        slow_windows.len(),
+        seconds * 10,
+        worst.join(" ")
+    );
     stats(lat, errors, seconds as f64)
 }
 
@@ -321,7 +331,11 @@ async fn main() {
     // `--replay-guard shared`: every signature also claimed in the store (several replicas).
     let guard = arg_str("--replay-guard", "process");
     println!("api bench: {concurrency} concurrent clients, {seconds} s per phase, replay guard {guard}");
-    let env = Env::start_with(&format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\nreplay_guard = \"{guard}\"\n[telemetry]\nlog_filter = \"warn\"\n"), false).await;
+    let env = Env::start_with(
+        &format!("[api]\nlisten = \"127.0.0.1:{port}\"\nrate_limit_per_second = 0\nreplay_guard = \"{guard}\"\n[telemetry]\nlog_filter = \"warn\"\n"),
+        false,
+    )
+    .await;
     env.spawn("api", &["api"]);
     let api_pid = env.pid("api").expect("api running");
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();
@@ -357,7 +371,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let run = unique("r");
-    let body = move |i: u64| serde_json::to_vec(&serde_json::json!({ "user_id": format!("bench-{run}-{i}"), "template_id": "bill_due", "params": { "amount": "9.99" }, "channels": ["email"] })).unwrap();
+    let body = move |i: u64| {
+        serde_json::to_vec(&serde_json::json!({ "user_id": format!("bench-{run}-{i}"), "template_id": "bill_due", "params": { "amount": "9.99" }, "channels": ["email"] })).unwrap()
+    };
     let trivial: MakeRequest = {
         let body = body.clone();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], trivial_port));
@@ -367,7 +383,8 @@ async fn main() {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         move |i| {
             let b = body(i);
-            let headers = sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
+            let headers =
+                sign_request(&app_key, &secret, "POST", "/v1/notifications", &b, chrono::Utc::now().timestamp(), Some(&format!("bench-nonce-{i}")));
             Prepared { addr, path: "/v1/notifications", body: b.into(), headers }
         }
     });
@@ -416,7 +433,11 @@ async fn main() {
         half.print(&format!("POST /v1/notifications @ {:.0}/s", api_stats.rate() / 2.0));
         let after = server_side(&http, &base).await;
         let (fast, all) = (after.0 - before.0, after.1 - before.1);
-        println!("  inside the API (its histogram, arrival to answer): {:.0} of {all:.0} over 10 ms ({:.2}%)", all - fast, 100.0 * (all - fast) / all.max(1.0));
+        println!(
+            "  inside the API (its histogram, arrival to answer): {:.0} of {all:.0} over 10 ms ({:.2}%)",
+            all - fast,
+            100.0 * (all - fast) / all.max(1.0)
+        );
         println!("  {cpu}");
         // Control: the trivial endpoint at the same open-loop rate. Its tail is what this
         // machine and client give any server at that rate (stalls it shares are not herald's).
@@ -440,7 +461,12 @@ async fn main() {
     };
     let shown = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
     let mut p99_ms: Vec<f64> = p99s.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    println!("ratios by round: {}   half-load p99 (ms) by round: {}   control p99 (ms) by round: {}", shown(&ratios), shown(&p99_ms), shown(&control_p99s));
+    println!(
+        "ratios by round: {}   half-load p99 (ms) by round: {}   control p99 (ms) by round: {}",
+        shown(&ratios),
+        shown(&p99_ms),
+        shown(&control_p99s)
+    );
     println!("Kafka-alone p99 (ms) by round: {}", shown(&kafka_p99s));
     println!(
         "median control p99 at the same open-loop rate: trivial endpoint {:.2} ms, Kafka produce alone {:.2} ms",

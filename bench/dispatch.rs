@@ -140,7 +140,12 @@ async fn run(env: &Env, http: &reqwest::Client, url: &str, n: usize, latency_ms:
             device_id: None,
             locale: "en".into(),
             priority: Priority::Normal,
-            content: RenderedContent { subject: Some("Your bill".into()), html: Some("<p>Pay</p>".into()), text: Some("Pay".into()), ..Default::default() },
+            content: RenderedContent {
+                subject: Some("Your bill".into()),
+                html: Some("<p>Pay</p>".into()),
+                text: Some("Pay".into()),
+                ..Default::default()
+            },
             attempt: 0,
             not_before: None,
             deadline: now_ms() + 3_600_000,
@@ -212,13 +217,7 @@ async fn sandbox_max_rate(http: &reqwest::Client, url: &str, total: usize) -> f6
                     "subject": "Your bill",
                     "content": [{"type": "text/plain", "value": "Pay"}]
                 });
-                let r = http
-                    .post(format!("{url}/v3/mail/send"))
-                    .bearer_auth("SG.herald-dev.sandbox-key-not-real")
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
+                let r = http.post(format!("{url}/v3/mail/send")).bearer_auth("SG.herald-dev.sandbox-key-not-real").json(&body).send().await.unwrap();
                 assert_eq!(r.status().as_u16(), 202);
                 done.fetch_add(1, Ordering::Relaxed);
             }

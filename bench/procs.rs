@@ -16,10 +16,15 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// pid file, when it is running.
 pub fn stack_pid(component: &str) -> Option<u32> {
     // The same defaults as scripts/stack: $HERALD_STACK_DIR, else $HERALD_CACHE/stack.
-    let cache = std::env::var_os("HERALD_CACHE").map(std::path::PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herald")))?;
+    let cache = std::env::var_os("HERALD_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herald")))?;
     let dir = std::env::var_os("HERALD_STACK_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| cache.join("stack"));
     let file = dir.join("run").join(format!("{component}.pid"));
-    let pid = std::fs::read_to_string(&file).ok().and_then(|p| p.trim().parse::<u32>().ok()).filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let pid = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
     if pid.is_none() {
         eprintln!("bench: no running {component} in {} (set HERALD_STACK_DIR to the stack in use): its CPU reads as 0", file.display());
     }

@@ -66,11 +66,7 @@ quiet_hours = false
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -82,11 +78,7 @@ async fn main() {
     let env = Env::start_with(&CONFIG.replace("[router]\n", &format!("[router]\nbatch_max = {BATCH}\ndedup_mode = \"{mode}\"\n")), false).await;
 
     let started = Instant::now();
-    futures::stream::iter(0..users)
-        .map(|i| preload(&env, i))
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
+    futures::stream::iter(0..users).map(|i| preload(&env, i)).buffer_unordered(64).collect::<Vec<_>>().await;
     println!("preloaded {users} users in {:.1} s", started.elapsed().as_secs_f64());
 
     let topic = env.topic("requests");
@@ -113,7 +105,12 @@ async fn main() {
     }
     let pass_cpu: Vec<f64> = per_event(&cpu, &procs::cpu_of(&stack)).iter().map(|us| us / 3.0).collect();
     let passthrough = median(&mut runs);
-    println!("plain passthrough (1 in, 1 out, no transactions): {:.0} events/s; CPU per event: bench {:.0} µs, kafka {:.0} µs", requests as f64 / passthrough.as_secs_f64(), pass_cpu[0], pass_cpu[1]);
+    println!(
+        "plain passthrough (1 in, 1 out, no transactions): {:.0} events/s; CPU per event: bench {:.0} µs, kafka {:.0} µs",
+        requests as f64 / passthrough.as_secs_f64(),
+        pass_cpu[0],
+        pass_cpu[1]
+    );
 
     let cpu = procs::cpu_of(&stack);
     let mut runs = Vec::new();
@@ -262,8 +259,15 @@ async fn sample_outputs(env: &Env) -> Vec<herald::kafka::eos::Output> {
         let consumer = env.committed_reader(&topic, "bench-sample");
         for _ in 0..take {
             let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("a router output").unwrap();
-            let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
-            out.push(herald::kafka::eos::Output { topic: topic.clone(), partition: None, key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec), headers });
+            let headers =
+                m.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
+            out.push(herald::kafka::eos::Output {
+                topic: topic.clone(),
+                partition: None,
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
         }
     }
     out
@@ -307,7 +311,9 @@ where
     for attempt in 0.. {
         match f().await {
             Ok(()) => return,
-            Err(e) if attempt < 10 && herald::error::Classify::is_retryable(&e) => tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await,
+            Err(e) if attempt < 10 && herald::error::Classify::is_retryable(&e) => {
+                tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await
+            }
             Err(e) => panic!("preload: {e}"),
         }
     }
@@ -315,7 +321,8 @@ where
 
 async fn preload(env: &Env, i: usize) {
     let id = format!("u{i}");
-    let user = User { user_id: id.clone(), email: Some(format!("{id}@example.com")), phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) };
+    let user =
+        User { user_id: id.clone(), email: Some(format!("{id}@example.com")), phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) };
     retry(|| env.store.put_user(&user)).await;
     for (n, platform) in ["ios", "android"].iter().enumerate() {
         let device = Device {
@@ -401,7 +408,8 @@ async fn store_floor(env: &Env, n: usize, users: usize, mode: &str) -> Duration 
         let mut batch_users: Vec<&str> = chunk.iter().map(|(_, u)| u.as_str()).collect();
         batch_users.sort_unstable();
         batch_users.dedup();
-        let transact: Vec<(&str, DedupClaim)> = if mode == "lwt" { ids.iter().enumerate().map(|(i, id)| (*id, claim(i))).collect() } else { Vec::new() };
+        let transact: Vec<(&str, DedupClaim)> =
+            if mode == "lwt" { ids.iter().enumerate().map(|(i, id)| (*id, claim(i))).collect() } else { Vec::new() };
         let read: &[&str] = if mode == "lwt" { &[] } else { &ids };
         // The router holds the throttle state of the users it owns (the bench's records
         // are keyed by their user) after reading it once; not in `lwt` mode, which trusts no key.
@@ -443,7 +451,13 @@ async fn store_floor(env: &Env, n: usize, users: usize, mode: &str) -> Duration 
                 ));
             }
             for ch in ["email", "push"] {
-                hits.push(NewThrottleHit { user_id: user.clone(), channel: ch.into(), category: "bench".into(), hit: ThrottleHit { event_id: id.clone(), at }, window });
+                hits.push(NewThrottleHit {
+                    user_id: user.clone(),
+                    channel: ch.into(),
+                    category: "bench".into(),
+                    hit: ThrottleHit { event_id: id.clone(), at },
+                    window,
+                });
             }
         }
         tokio::try_join!(env.store.record_events(&claims, ttl, &log), env.store.put_throttle_hits(&hits)).expect("floor: writes");

@@ -93,8 +93,7 @@ fn assign_from_end(cfg: &KafkaConfig, topic: &str, role: &str) -> Result<StreamC
     let mut tpl = TopicPartitionList::new();
     for t in md.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::End)
-                .map_err(|source| BusError::Op { op: "changes assign", source })?;
+            tpl.add_partition_offset(topic, p.id(), Offset::End).map_err(|source| BusError::Op { op: "changes assign", source })?;
         }
     }
     if tpl.count() == 0 {

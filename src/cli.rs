@@ -288,9 +288,7 @@ async fn announce_app_change(config: &Config, topology: &Topology, key: &str) ->
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let r = crate::store::migrate::migrate(&config.store)
-        .await
-        .context("db migrate")?;
+    let r = crate::store::migrate::migrate(&config.store).await.context("db migrate")?;
     if r.keyspace_created {
         println!("db: created keyspace {}", config.store.keyspace);
     }
@@ -305,15 +303,10 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 /// Returns whether anything differed from the declaration.
 async fn topology_cmd(config: &Config, topology: &Topology, apply: bool) -> anyhow::Result<bool> {
-    let r = crate::topology::reconcile(&config.kafka, topology, apply)
-        .await
-        .context(if apply { "topology apply" } else { "topology plan" })?;
+    let r = crate::topology::reconcile(&config.kafka, topology, apply).await.context(if apply { "topology apply" } else { "topology plan" })?;
     let capped = topology.topics.iter().any(|t| t.replication_factor > r.max_replication);
     if capped {
-        println!(
-            "topology: cluster has {} broker(s); replication factors capped at {}",
-            r.brokers, r.max_replication
-        );
+        println!("topology: cluster has {} broker(s); replication factors capped at {}", r.brokers, r.max_replication);
     }
     for c in &r.changes {
         println!("topology: {}{c}", if apply && c.fixable() { "applied " } else { "" });
@@ -329,9 +322,7 @@ async fn topology_cmd(config: &Config, topology: &Topology, apply: bool) -> anyh
 }
 
 async fn register(config: &Config, topology: &Topology) -> anyhow::Result<()> {
-    let done = crate::schemas::register(&config.registry, topology)
-        .await
-        .context("schemas register")?;
+    let done = crate::schemas::register(&config.registry, topology).await.context("schemas register")?;
     for r in done {
         match r {
             Registration::Unchanged { subject, id } => println!("schemas: {subject} unchanged (id {id})"),

@@ -104,9 +104,8 @@ impl Codec {
         }
         // Once per topic and process (the writer borrows its schema for as long as it lives).
         let parsed: &'static Schema = Box::leak(Box::new(schema.parsed.clone()));
-        let writer = GenericDatumWriter::builder(parsed)
-            .build()
-            .map_err(|e| CodecError::Encode { topic: topic.to_string(), detail: e.to_string() })?;
+        let writer =
+            GenericDatumWriter::builder(parsed).build().map_err(|e| CodecError::Encode { topic: topic.to_string(), detail: e.to_string() })?;
         let w = Arc::new(TopicWriter { id: schema.id, writer });
         writers.insert(topic.to_string(), w.clone());
         Ok(w)
@@ -115,10 +114,7 @@ impl Codec {
     /// Encodes a generic Avro value with the latest schema of `<topic>-value`.
     pub async fn encode_value(&self, topic: &str, value: apache_avro::types::Value) -> Result<Vec<u8>, CodecError> {
         let strategy = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
-        self.encoder.encode_value(value, &strategy).await.map_err(|e| CodecError::Encode {
-            topic: topic.to_string(),
-            detail: e.to_string(),
-        })
+        self.encoder.encode_value(value, &strategy).await.map_err(|e| CodecError::Encode { topic: topic.to_string(), detail: e.to_string() })
     }
 
     /// Decodes Confluent-framed bytes with the writer's schema only (upstream events whose
@@ -129,27 +125,17 @@ impl Codec {
     }
 
     /// Decodes Confluent-framed bytes into `T`, resolving against `reader` (herald's schema).
-    pub async fn decode<T: DeserializeOwned>(
-        &self,
-        bytes: Option<&[u8]>,
-        reader: &Schema,
-    ) -> Result<T, CodecError> {
+    pub async fn decode<T: DeserializeOwned>(&self, bytes: Option<&[u8]>, reader: &Schema) -> Result<T, CodecError> {
         let bytes = framed(bytes)?;
         // The writer's schema is herald's own (the usual case): deserialise straight from the
         // bytes. Otherwise resolve writer against reader through an Avro value.
         let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         if let Some(direct) = self.direct_reader(id, reader).await? {
-            return direct
-                .read_deser::<T>(&mut &bytes[5..])
-                .map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))));
+            return direct.read_deser::<T>(&mut &bytes[5..]).map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))));
         }
         let decoded = self.decoder.decode(Some(bytes)).await.map_err(decode_err)?;
-        let resolved = decoded
-            .value
-            .resolve(reader)
-            .map_err(|e| CodecError::Poison(format!("does not match {}: {e}", name_of(reader))))?;
-        from_value::<T>(&resolved)
-            .map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))))
+        let resolved = decoded.value.resolve(reader).map_err(|e| CodecError::Poison(format!("does not match {}: {e}", name_of(reader))))?;
+        from_value::<T>(&resolved).map_err(|e| CodecError::Poison(format!("does not fit {}: {e}", name_of(reader))))
     }
 }
 
@@ -157,9 +143,7 @@ impl Codec {
 fn framed(bytes: Option<&[u8]>) -> Result<&[u8], CodecError> {
     match bytes {
         None | Some([]) => Err(CodecError::Poison("empty payload".into())),
-        Some(b) if b[0] != 0 || b.len() < 5 => {
-            Err(CodecError::Poison("not Confluent-framed Avro (no magic byte 0 + schema id)".into()))
-        }
+        Some(b) if b[0] != 0 || b.len() < 5 => Err(CodecError::Poison("not Confluent-framed Avro (no magic byte 0 + schema id)".into())),
         Some(b) => Ok(b),
     }
 }
@@ -178,7 +162,8 @@ impl Codec {
     /// herald has one reader schema per record name (`schemas::schema`).
     async fn direct_reader(&self, id: u32, reader: &Schema) -> Result<Option<Arc<GenericDatumReader<'static>>>, CodecError> {
         let name = reader.name();
-        if let Some(known) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&id).and_then(|v| v.iter().find(|(n, _)| n.as_ref() == name)) {
+        if let Some(known) = self.readers.read().unwrap_or_else(|e| e.into_inner()).get(&id).and_then(|v| v.iter().find(|(n, _)| n.as_ref() == name))
+        {
             return Ok(known.1.clone());
         }
         let writer = self.decoder.get_schema(id).await.map_err(decode_err)?;
@@ -209,10 +194,7 @@ mod tests {
     use crate::model::*;
     use crate::schemas::schema;
 
-    fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
-        record: &str,
-        value: &T,
-    ) {
+    fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(record: &str, value: &T) {
         let s = schema(record).unwrap();
         let v = to_value(value).unwrap().resolve(&s).unwrap();
         let bytes = to_avro_datum(&s, v).unwrap();

@@ -133,12 +133,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig {
-            url: "http://127.0.0.1:8081/apis/ccompat/v7".into(),
-            username: None,
-            password: Secret::default(),
-            timeout_ms: 5_000,
-        }
+        RegistryConfig { url: "http://127.0.0.1:8081/apis/ccompat/v7".into(), username: None, password: Secret::default(), timeout_ms: 5_000 }
     }
 }
 
@@ -192,11 +187,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig {
-            log_filter: "info,scylla=warn".into(),
-            log_format: "text".into(),
-            metrics_listen: None,
-        }
+        TelemetryConfig { log_filter: "info,scylla=warn".into(), log_format: "text".into(), metrics_listen: None }
     }
 }
 
@@ -258,8 +249,7 @@ pub mod duration {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
             let s = Option::<String>::deserialize(d)?;
-            s.map(|s| super::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a duration like 10s, 5m, 7d"))))
-                .transpose()
+            s.map(|s| super::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a duration like 10s, 5m, 7d")))).transpose()
         }
     }
 }
@@ -491,15 +481,9 @@ pub struct TriggerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -511,41 +495,20 @@ impl Config {
     }
 
     /// Like [`Config::load`] with an explicit environment (for tests).
-    pub fn load_from(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let mut tree = toml::Value::try_from(Config::default())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    pub fn load_from(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            let file_tree: toml::Value =
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            let file_tree: toml::Value = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
             merge(&mut tree, file_tree);
         }
-        let mut overrides: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
+        let mut overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         overrides.sort();
         for (key, value) in overrides {
-            let path: Vec<String> = key[ENV_PREFIX.len()..]
-                .split("__")
-                .map(|s| s.to_ascii_lowercase())
-                .collect();
-            set_path(&mut tree, &path, &value).map_err(|msg| {
-                ConfigError::Invalid(format!("environment variable {key}: {msg}"))
-            })?;
+            let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut tree, &path, &value).map_err(|msg| ConfigError::Invalid(format!("environment variable {key}: {msg}")))?;
         }
-        let config: Config = tree
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        let config: Config = tree.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -559,17 +522,10 @@ impl Config {
         if self.store.contact_points.is_empty() {
             return bad("store.contact_points is empty");
         }
-        if !self
-            .store
-            .keyspace
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || self.store.keyspace.is_empty()
-        {
+        if !self.store.keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || self.store.keyspace.is_empty() {
             return bad("store.keyspace must be [A-Za-z0-9_]+");
         }
-        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
-        {
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://")) {
             return bad("registry.url must be an http(s) URL");
         }
         if self.registry.url.ends_with('/') {
@@ -661,29 +617,15 @@ fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
     let mut node = tree;
     for p in parents {
         let table = node.as_table_mut().ok_or(format!("'{p}' is not a section"))?;
-        node = table
-            .entry(p.clone())
-            .or_insert_with(|| toml::Value::Table(Default::default()));
+        node = table.entry(p.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
     }
-    let table = node
-        .as_table_mut()
-        .ok_or(format!("'{last}' is not inside a section"))?;
+    let table = node.as_table_mut().ok_or(format!("'{last}' is not inside a section"))?;
     let value = match table.get(last) {
-        Some(toml::Value::Array(_)) => toml::Value::Array(
-            raw.split(',')
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_string()))
-                .collect(),
-        ),
-        Some(toml::Value::Integer(_)) => toml::Value::Integer(
-            raw.parse()
-                .map_err(|_| format!("'{raw}' is not an integer"))?,
-        ),
-        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
-            raw.parse()
-                .map_err(|_| format!("'{raw}' is not true/false"))?,
-        ),
+        Some(toml::Value::Array(_)) => {
+            toml::Value::Array(raw.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect())
+        }
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(raw.parse().map_err(|_| format!("'{raw}' is not an integer"))?),
+        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(raw.parse().map_err(|_| format!("'{raw}' is not true/false"))?),
         Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
         // Unset optional values: take the TOML scalar the text looks like.
         _ => raw
@@ -720,10 +662,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -738,11 +677,7 @@ mod tests {
     fn file_then_env_override_in_that_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.toml");
-        std::fs::write(
-            &path,
-            "[kafka]\nbootstrap_servers = \"file:9092\"\nrequest_timeout_ms = 111\n[store]\nkeyspace = \"from_file\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "[kafka]\nbootstrap_servers = \"file:9092\"\nrequest_timeout_ms = 111\n[store]\nkeyspace = \"from_file\"\n").unwrap();
         let c = Config::load_from(
             Some(&path),
             env(&[
@@ -775,25 +710,17 @@ mod tests {
         assert_eq!(billing.throttle_limit, Some(5));
         assert_eq!(billing.throttle_window, Some(Duration::from_secs(3600)));
         assert_eq!(c.router.instance_id, "7");
-        let e = Config::load_from(None, env(&[("HERALD__ROUTER__CATEGORIES__BILLING__THROTTLE_LIMIT", "5")]))
-            .unwrap_err()
-            .to_string();
+        let e = Config::load_from(None, env(&[("HERALD__ROUTER__CATEGORIES__BILLING__THROTTLE_LIMIT", "5")])).unwrap_err().to_string();
         assert!(e.contains("throttle_window"), "{e}");
     }
 
     #[test]
     fn typos_and_bad_values_are_named() {
-        let e = Config::load_from(None, env(&[("HERALD__KAFKA__BOOTSTRAP_SERVRES", "x")]))
-            .unwrap_err()
-            .to_string();
+        let e = Config::load_from(None, env(&[("HERALD__KAFKA__BOOTSTRAP_SERVRES", "x")])).unwrap_err().to_string();
         assert!(e.contains("bootstrap_servres"), "{e}");
-        let e = Config::load_from(None, env(&[("HERALD__KAFKA__REQUEST_TIMEOUT_MS", "soon")]))
-            .unwrap_err()
-            .to_string();
+        let e = Config::load_from(None, env(&[("HERALD__KAFKA__REQUEST_TIMEOUT_MS", "soon")])).unwrap_err().to_string();
         assert!(e.contains("HERALD__KAFKA__REQUEST_TIMEOUT_MS") && e.contains("soon"), "{e}");
-        let e = Config::load_from(None, env(&[("HERALD__STORE__KEYSPACE", "drop table")]))
-            .unwrap_err()
-            .to_string();
+        let e = Config::load_from(None, env(&[("HERALD__STORE__KEYSPACE", "drop table")])).unwrap_err().to_string();
         assert!(e.contains("keyspace"), "{e}");
     }
 

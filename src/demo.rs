@@ -32,19 +32,11 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
     let producer = crate::kafka::producer(&config.kafka, "demo")?;
     let watch = Watch::start(config, topology).await?;
 
-    let sandbox = crate::sandbox::start(config.sandbox.clone())
-        .await
-        .context("starting the provider sandbox (is sandbox.listen free?)")?;
+    let sandbox = crate::sandbox::start(config.sandbox.clone()).await.context("starting the provider sandbox (is sandbox.listen free?)")?;
     let http = reqwest::Client::new();
     // A dead iPhone token, and Twilio failing once: retried through herald.retry.sms.1.
-    http.put(format!("{}/_sandbox/state", sandbox.url()))
-        .json(&serde_json::json!({ "apns_unregistered": [DEAD_TOKEN] }))
-        .send()
-        .await?;
-    http.put(format!("{}/_sandbox/faults/twilio", sandbox.url()))
-        .json(&serde_json::json!({ "error": "503", "count": 1 }))
-        .send()
-        .await?;
+    http.put(format!("{}/_sandbox/state", sandbox.url())).json(&serde_json::json!({ "apns_unregistered": [DEAD_TOKEN] })).send().await?;
+    http.put(format!("{}/_sandbox/faults/twilio", sandbox.url())).json(&serde_json::json!({ "error": "503", "count": 1 })).send().await?;
     println!("demo: provider sandbox on {} (Twilio will fail once; one iPhone token is dead)", sandbox.url());
 
     let stop = CancellationToken::new();
@@ -80,7 +72,10 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
     let mut code = request(&run_id, "code", "bob", "security", "login_code", &[("code", "481516")]);
     code.priority = Priority::High;
     scenario.push((send(code).await?, "login code for bob (security, SMS)".into()));
-    scenario.push((send(request(&run_id, "promo", "bob", "marketing", "promo", &[("n", "20%")])).await?, "promo for bob (opted out of email marketing)".into()));
+    scenario.push((
+        send(request(&run_id, "promo", "bob", "marketing", "promo", &[("n", "20%")])).await?,
+        "promo for bob (opted out of email marketing)".into(),
+    ));
     scenario.push((send(request(&run_id, "ghost", "nobody", "billing", "bill_due", &[("amount", "1")])).await?, "bill for an unknown user".into()));
     scenario.push((send(request(&run_id, "broken", "alice", "billing", "broken", &[])).await?, "template that needs a param nobody sent".into()));
     let (p, o) = produce(&producer, requests, b"garbage", b"{not avro}").await?;
@@ -108,11 +103,11 @@ pub async fn run(config: &Config, topology: &Topology, events: usize) -> anyhow:
         .map(|p| {
             let (http, url) = (&http, sandbox.url());
             async move {
-            let n = match http.get(format!("{url}/_sandbox/requests/{p}")).send().await {
-                Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0),
-                Err(_) => 0,
-            };
-            format!("{p} {n}")
+                let n = match http.get(format!("{url}/_sandbox/requests/{p}")).send().await {
+                    Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                format!("{p} {n}")
             }
         })
         .collect::<futures::stream::FuturesOrdered<_>>()
@@ -214,9 +209,7 @@ impl Seen {
     /// Every routed delivery has a final dispatcher outcome.
     fn dispatched(&self) -> bool {
         self.outcomes.values().flatten().filter(|o| o.status == "routed").all(|r| {
-            self.dispatch
-                .get(&r.event_id)
-                .is_some_and(|ds| ds.iter().any(|d| d.delivery_id == r.delivery_id && FINAL.contains(&d.status.as_str())))
+            self.dispatch.get(&r.event_id).is_some_and(|ds| ds.iter().any(|d| d.delivery_id == r.delivery_id && FINAL.contains(&d.status.as_str())))
         })
     }
 }
@@ -267,7 +260,9 @@ impl Watch {
             };
             if m.topic() == self.outcomes_topic {
                 if let Ok(o) = self.codec.decode::<DeliveryOutcome>(m.payload(), &outcome_schema).await {
-                    let by_dispatcher = o.provider.is_some() || ["retry_scheduled", "dead_lettered"].contains(&o.status.as_str()) || (o.status == "expired" && o.delivery_id.is_some());
+                    let by_dispatcher = o.provider.is_some()
+                        || ["retry_scheduled", "dead_lettered"].contains(&o.status.as_str())
+                        || (o.status == "expired" && o.delivery_id.is_some());
                     let map = if by_dispatcher { &mut seen.dispatch } else { &mut seen.outcomes };
                     map.entry(o.event_id.clone()).or_default().push(o);
                 }
@@ -287,15 +282,19 @@ async fn seed_contacts(store: &Store) -> anyhow::Result<()> {
         ("bob", "bob@example.org", "+14155550123", "en-US", "America/New_York"),
     ] {
         store
-            .put_user(&User { user_id: id.into(), email: Some(email.into()), phone: Some(phone.into()), locale: Some(locale.into()), timezone: Some(tz.into()) })
+            .put_user(&User {
+                user_id: id.into(),
+                email: Some(email.into()),
+                phone: Some(phone.into()),
+                locale: Some(locale.into()),
+                timezone: Some(tz.into()),
+            })
             .await?;
     }
-    for (i, (platform, token)) in [
-        ("ios", "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"),
-        ("android", "fcm-demo-token-alice-pixel:APA91bH0demo"),
-    ]
-    .iter()
-    .enumerate()
+    for (i, (platform, token)) in
+        [("ios", "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"), ("android", "fcm-demo-token-alice-pixel:APA91bH0demo")]
+            .iter()
+            .enumerate()
     {
         store
             .put_device(&Device {
@@ -308,9 +307,7 @@ async fn seed_contacts(store: &Store) -> anyhow::Result<()> {
             })
             .await?;
     }
-    store
-        .put_user(&User { user_id: "carol".into(), email: None, phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) })
-        .await?;
+    store.put_user(&User { user_id: "carol".into(), email: None, phone: None, locale: Some("en".into()), timezone: Some("UTC".into()) }).await?;
     store
         .put_device(&Device {
             user_id: "carol".into(),

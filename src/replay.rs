@@ -22,7 +22,6 @@ use crate::topology::Topology;
 
 /// Header on replayed records: the `topic:partition:offset` of the original record.
 
-
 /// What to replay.
 #[derive(Debug, Clone, Default)]
 pub struct Replay {
@@ -87,11 +86,8 @@ pub async fn run(config: &Config, topology: &Topology, r: &Replay) -> anyhow::Re
 
     let mut report = Report::default();
     let mut pending = 0usize;
-    let mut done: BTreeMap<i32, bool> = start
-        .elements()
-        .iter()
-        .map(|e| (e.partition(), !matches!(e.offset(), Offset::Offset(o) if o < ends[&e.partition()])))
-        .collect();
+    let mut done: BTreeMap<i32, bool> =
+        start.elements().iter().map(|e| (e.partition(), !matches!(e.offset(), Offset::Offset(o) if o < ends[&e.partition()]))).collect();
     let mut idle = 0;
     while done.values().any(|d| !d) {
         let Ok(m) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await else {
@@ -118,10 +114,8 @@ pub async fn run(config: &Config, topology: &Topology, r: &Replay) -> anyhow::Re
         if m.offset() >= end {
             continue;
         }
-        let headers: Vec<(String, Vec<u8>)> = m
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-            .unwrap_or_default();
+        let headers: Vec<(String, Vec<u8>)> =
+            m.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
         let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         let origin = get(DLQ_SOURCE).map(|s| s.parse::<Position>());
         if let Some(Err(e)) = &origin {
@@ -159,10 +153,7 @@ pub async fn run(config: &Config, topology: &Topology, r: &Replay) -> anyhow::Re
         if let Some(p) = m.payload() {
             rec = rec.payload(p);
         }
-        producer
-            .send(rec, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("replaying to {target}: {e}"))?;
+        producer.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("replaying to {target}: {e}"))?;
         pending += 1;
     }
     tracing::info!(replayed = pending, "replay finished");

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use apache_avro::Schema;
-use schema_registry_converter::async_impl::schema_registry::{
-    is_compatible_schema, post_schema, SrSettings,
-};
+use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, post_schema, SrSettings};
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use crate::config::RegistryConfig;
@@ -63,11 +61,7 @@ pub enum SchemaError {
     #[error("schema for subject '{subject}' is not compatible with the version already registered; evolve it compatibly (new fields need defaults)")]
     Incompatible { subject: String },
     #[error("schema registry at {url}: {detail}")]
-    Registry {
-        url: String,
-        detail: String,
-        retryable: bool,
-    },
+    Registry { url: String, detail: String, retryable: bool },
 }
 
 impl Classify for SchemaError {
@@ -78,19 +72,13 @@ impl Classify for SchemaError {
 
 /// The contract for a record name.
 pub fn contract(record: &str) -> Result<&'static Contract, SchemaError> {
-    CONTRACTS
-        .iter()
-        .find(|c| c.record == record)
-        .ok_or_else(|| SchemaError::UnknownRecord(record.to_string()))
+    CONTRACTS.iter().find(|c| c.record == record).ok_or_else(|| SchemaError::UnknownRecord(record.to_string()))
 }
 
 /// The parsed schema of a record name.
 pub fn schema(record: &str) -> Result<Schema, SchemaError> {
     let c = contract(record)?;
-    Schema::parse_str(c.text).map_err(|e| SchemaError::Invalid {
-        file: c.file,
-        detail: e.to_string(),
-    })
+    Schema::parse_str(c.text).map_err(|e| SchemaError::Invalid { file: c.file, detail: e.to_string() })
 }
 
 /// Registry settings for the converter crate, with a timeout so a dead registry fails fast.
@@ -100,11 +88,7 @@ pub fn sr_settings(cfg: &RegistryConfig) -> Result<SrSettings, SchemaError> {
     if let Some(user) = &cfg.username {
         b.set_basic_authorization(user, Some(cfg.password.expose()));
     }
-    b.build().map_err(|e| SchemaError::Registry {
-        url: cfg.url.clone(),
-        detail: e.to_string(),
-        retryable: false,
-    })
+    b.build().map_err(|e| SchemaError::Registry { url: cfg.url.clone(), detail: e.to_string(), retryable: false })
 }
 
 /// What `register` did for one subject.
@@ -118,10 +102,7 @@ pub enum Registration {
 
 /// Registers the value schema of every Avro topic in the topology, after checking
 /// compatibility with what the subject already holds. Idempotent.
-pub async fn register(
-    cfg: &RegistryConfig,
-    topology: &Topology,
-) -> Result<Vec<Registration>, SchemaError> {
+pub async fn register(cfg: &RegistryConfig, topology: &Topology) -> Result<Vec<Registration>, SchemaError> {
     let sr = sr_settings(cfg)?;
     let http = http_client(cfg)?;
     let mut wanted: BTreeMap<String, &'static Contract> = BTreeMap::new();
@@ -171,32 +152,21 @@ async fn register_subject(
     }
     let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_text.to_string());
     if subject_exists(http, cfg, subject).await? {
-        let ok = is_compatible_schema(sr, subject.to_string(), supplied.clone())
-            .await
-            .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
+        let ok = is_compatible_schema(sr, subject.to_string(), supplied.clone()).await.map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
         if !ok {
             return Err(SchemaError::Incompatible { subject: subject.to_string() });
         }
     }
-    let reg = post_schema(sr, subject.to_string(), supplied)
-        .await
-        .map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
+    let reg = post_schema(sr, subject.to_string(), supplied).await.map_err(|e| registry_err(cfg, e.to_string(), e.retriable))?;
     Ok(Registration::Registered { subject: subject.to_string(), id: reg.id })
 }
 
 fn http_client(cfg: &RegistryConfig) -> Result<reqwest::Client, SchemaError> {
-    reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(cfg.timeout_ms))
-        .build()
-        .map_err(|e| registry_err(cfg, e.to_string(), false))
+    reqwest::Client::builder().timeout(std::time::Duration::from_millis(cfg.timeout_ms)).build().map_err(|e| registry_err(cfg, e.to_string(), false))
 }
 
 fn registry_err(cfg: &RegistryConfig, detail: String, retryable: bool) -> SchemaError {
-    SchemaError::Registry {
-        url: cfg.url.clone(),
-        detail,
-        retryable,
-    }
+    SchemaError::Registry { url: cfg.url.clone(), detail, retryable }
 }
 
 fn http_err(cfg: &RegistryConfig, e: reqwest::Error) -> SchemaError {
@@ -212,12 +182,7 @@ fn authed(cfg: &RegistryConfig, rb: reqwest::RequestBuilder) -> reqwest::Request
 }
 
 /// `POST /subjects/{subject}`: the id if this exact schema is already under the subject.
-async fn lookup(
-    http: &reqwest::Client,
-    cfg: &RegistryConfig,
-    subject: &str,
-    schema_text: &str,
-) -> Result<Option<u32>, SchemaError> {
+async fn lookup(http: &reqwest::Client, cfg: &RegistryConfig, subject: &str, schema_text: &str) -> Result<Option<u32>, SchemaError> {
     let url = format!("{}/subjects/{}", cfg.url, subject);
     let body = serde_json::json!({ "schema": schema_text, "schemaType": "AVRO" });
     let resp = authed(cfg, http.post(&url))
@@ -232,53 +197,32 @@ async fn lookup(
     }
     let text = resp.text().await.map_err(|e| http_err(cfg, e))?;
     if !status.is_success() {
-        return Err(registry_err(
-            cfg,
-            format!("lookup of {subject} answered {status}: {text}"),
-            status.is_server_error(),
-        ));
+        return Err(registry_err(cfg, format!("lookup of {subject} answered {status}: {text}"), status.is_server_error()));
     }
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| registry_err(cfg, format!("lookup of {subject}: {e}: {text}"), false))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| registry_err(cfg, format!("lookup of {subject}: {e}: {text}"), false))?;
     Ok(v.get("id").and_then(|id| id.as_u64()).map(|id| id as u32))
 }
 
 /// Whether the subject has any version registered.
-async fn subject_exists(
-    http: &reqwest::Client,
-    cfg: &RegistryConfig,
-    subject: &str,
-) -> Result<bool, SchemaError> {
+async fn subject_exists(http: &reqwest::Client, cfg: &RegistryConfig, subject: &str) -> Result<bool, SchemaError> {
     let url = format!("{}/subjects/{}/versions", cfg.url, subject);
-    let resp = authed(cfg, http.get(&url))
-        .send()
-        .await
-        .map_err(|e| http_err(cfg, e))?;
+    let resp = authed(cfg, http.get(&url)).send().await.map_err(|e| http_err(cfg, e))?;
     match resp.status().as_u16() {
         200 => Ok(true),
         404 => Ok(false),
-        s => Err(registry_err(
-            cfg,
-            format!("GET {url} answered {s}"),
-            s >= 500,
-        )),
+        s => Err(registry_err(cfg, format!("GET {url} answered {s}"), s >= 500)),
     }
 }
 
 /// `GET /subjects`: reachability check used by readiness probes and tests.
 pub async fn ping(cfg: &RegistryConfig) -> Result<Vec<String>, SchemaError> {
     let http = http_client(cfg)?;
-    let resp = authed(cfg, http.get(format!("{}/subjects", cfg.url)))
-        .send()
-        .await
-        .map_err(|e| http_err(cfg, e))?;
+    let resp = authed(cfg, http.get(format!("{}/subjects", cfg.url))).send().await.map_err(|e| http_err(cfg, e))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(registry_err(cfg, format!("GET /subjects answered {status}"), status.is_server_error()));
     }
-    resp.json()
-        .await
-        .map_err(|e| registry_err(cfg, format!("GET /subjects: {e}"), false))
+    resp.json().await.map_err(|e| registry_err(cfg, format!("GET /subjects: {e}"), false))
 }
 
 #[cfg(test)]
@@ -299,10 +243,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         for entry in std::fs::read_dir(dir).unwrap() {
             let file = format!("schemas/{}", entry.unwrap().file_name().to_string_lossy());
-            assert!(
-                CONTRACTS.iter().any(|c| c.file == file),
-                "{file} is not listed in schemas::CONTRACTS"
-            );
+            assert!(CONTRACTS.iter().any(|c| c.file == file), "{file} is not listed in schemas::CONTRACTS");
         }
     }
 
@@ -313,9 +254,7 @@ mod tests {
             for f in v["fields"].as_array().unwrap() {
                 let name = f["name"].as_str().unwrap();
                 assert!(f.get("doc").is_some(), "{}: field {name} has no doc", c.file);
-                let nullable = f["type"]
-                    .as_array()
-                    .is_some_and(|u| u.first() == Some(&serde_json::json!("null")));
+                let nullable = f["type"].as_array().is_some_and(|u| u.first() == Some(&serde_json::json!("null")));
                 if nullable {
                     assert_eq!(f.get("default"), Some(&serde_json::Value::Null), "{}: {name}", c.file);
                 }

@@ -19,22 +19,13 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log_filter))
         .map_err(|e| anyhow::anyhow!("telemetry.log_filter: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(true);
-    let _ = if cfg.log_format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true);
+    let _ = if cfg.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
     if PROMETHEUS.get().is_none() {
         // Buckets, not summaries: cheap to record and drain, and aggregatable across replicas.
         let mut b = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?;
         if let Some(listen) = cfg.metrics_listen.as_deref().filter(|s| !s.is_empty()) {
-            let addr: SocketAddr = listen
-                .parse()
-                .map_err(|e| anyhow::anyhow!("telemetry.metrics_listen '{listen}': {e}"))?;
+            let addr: SocketAddr = listen.parse().map_err(|e| anyhow::anyhow!("telemetry.metrics_listen '{listen}': {e}"))?;
             // Upkeep runs on its own thread (below), not in the exporter's tokio task.
             b = b.with_http_listener(addr).upkeep_timeout(std::time::Duration::from_secs(3600));
             let (recorder, exporter) = b.build()?;
@@ -128,8 +119,14 @@ pub mod events {
         describe_histogram!(API_REQUEST_SECONDS, "HTTP API request duration, by route template.");
         describe_counter!(API_AUTH_FAILURES, "Refused API signatures, by reason (stable error code).");
         describe_counter!(API_RATE_LIMITED, "API requests refused with 429.");
-        describe_counter!(API_CONNECTIONS, "API connections opened and ended, by event (opened, closed, idle_timeout, header_timeout, error, dropped).");
-        describe_counter!(API_WEBHOOK_DUPLICATES, "Webhook events skipped because they were turned into outcomes before (provider retries, replays), by provider.");
+        describe_counter!(
+            API_CONNECTIONS,
+            "API connections opened and ended, by event (opened, closed, idle_timeout, header_timeout, error, dropped)."
+        );
+        describe_counter!(
+            API_WEBHOOK_DUPLICATES,
+            "Webhook events skipped because they were turned into outcomes before (provider retries, replays), by provider."
+        );
         describe_gauge!(API_CONNECTIONS_OPEN, "API connections open now.");
         describe_counter!(API_CONNECTIONS_FULL, "Times api.max_connections was reached (new connections waited in the listen backlog).");
         describe_counter!(API_WEBHOOK_REJECTED, "Provider webhooks refused for their signature, by provider and reason.");
@@ -147,8 +144,31 @@ pub mod events {
     /// paths (channels, providers, the router's and dispatcher's statuses).
     fn label(value: &str) -> metrics::SharedString {
         const KNOWN: &[&str] = &[
-            "-", "apns", "fcm", "sms", "email", "push", "twilio", "vonage", "sendgrid", "mandrill", "routed", "sent", "failed", "duplicate", "expired", "throttled",
-            "opted_out", "no_address", "unknown_user", "held", "rejected", "template_error", "retry_scheduled", "dead_lettered", "invalid_address",
+            "-",
+            "apns",
+            "fcm",
+            "sms",
+            "email",
+            "push",
+            "twilio",
+            "vonage",
+            "sendgrid",
+            "mandrill",
+            "routed",
+            "sent",
+            "failed",
+            "duplicate",
+            "expired",
+            "throttled",
+            "opted_out",
+            "no_address",
+            "unknown_user",
+            "held",
+            "rejected",
+            "template_error",
+            "retry_scheduled",
+            "dead_lettered",
+            "invalid_address",
         ];
         match KNOWN.iter().find(|k| **k == value) {
             Some(k) => metrics::SharedString::const_str(k),

@@ -135,8 +135,7 @@ pub use crate::config::duration::parse as parse_duration;
 impl Topology {
     /// The topology compiled into herald.
     pub fn builtin() -> Topology {
-        Topology::parse(BUILTIN, "topology/topics.toml (built in)")
-            .expect("the built-in topology is valid (checked by tests)")
+        Topology::parse(BUILTIN, "topology/topics.toml (built in)").expect("the built-in topology is valid (checked by tests)")
     }
 
     /// Loads `path`, or the built-in file when `None`.
@@ -144,20 +143,14 @@ impl Topology {
         match path {
             None => Ok(Topology::builtin()),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| TopologyError::Invalid {
-                    path: p.display().to_string(),
-                    detail: e.to_string(),
-                })?;
+                let text = std::fs::read_to_string(p).map_err(|e| TopologyError::Invalid { path: p.display().to_string(), detail: e.to_string() })?;
                 Topology::parse(&text, &p.display().to_string())
             }
         }
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
-        let bad = |detail: String| TopologyError::Invalid {
-            path: origin.to_string(),
-            detail,
-        };
+        let bad = |detail: String| TopologyError::Invalid { path: origin.to_string(), detail };
         let file: File = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         let d = &file.defaults;
         let mut topics = Vec::new();
@@ -170,9 +163,7 @@ impl Topology {
             let retention_ms = if retention == "forever" {
                 -1
             } else {
-                parse_duration(retention)
-                    .ok_or_else(|| bad(format!("{}: bad retention '{retention}'", t.id)))?
-                    .as_millis() as i64
+                parse_duration(retention).ok_or_else(|| bad(format!("{}: bad retention '{retention}'", t.id)))?.as_millis() as i64
             };
             let value = match t.value.as_str() {
                 "json" => ValueFormat::Json,
@@ -191,9 +182,7 @@ impl Topology {
             }
             let retry_delay = match t.retry_delay {
                 None => None,
-                Some(s) => Some(
-                    parse_duration(&s).ok_or_else(|| bad(format!("{}: bad retry_delay '{s}'", t.id)))?,
-                ),
+                Some(s) => Some(parse_duration(&s).ok_or_else(|| bad(format!("{}: bad retry_delay '{s}'", t.id)))?),
             };
             topics.push(TopicSpec {
                 partitions: t.partitions.unwrap_or(d.partitions),
@@ -216,10 +205,7 @@ impl Topology {
 
     /// The topic declared under `id` (e.g. `"requests"`, `"delivery.sms"`).
     pub fn topic(&self, id: &str) -> Result<&TopicSpec, TopologyError> {
-        self.topics
-            .iter()
-            .find(|t| t.id == id)
-            .ok_or_else(|| TopologyError::UnknownTopic(id.to_string()))
+        self.topics.iter().find(|t| t.id == id).ok_or_else(|| TopologyError::UnknownTopic(id.to_string()))
     }
 
     /// Shorthand for the topic name of `id`.
@@ -289,36 +275,24 @@ pub async fn reconcile(cfg: &KafkaConfig, topology: &Topology, apply: bool) -> R
         return Ok(Report { brokers: info.brokers, max_replication: max_rf, changes, applied: false });
     }
     let admin = kafka::admin(cfg)?;
-    let opts = AdminOptions::new()
-        .request_timeout(Some(cfg.request_timeout()))
-        .operation_timeout(Some(cfg.request_timeout()));
+    let opts = AdminOptions::new().request_timeout(Some(cfg.request_timeout())).operation_timeout(Some(cfg.request_timeout()));
     // Create missing topics with their declared configs in one request.
-    let to_create: Vec<&TopicSpec> = topology
-        .topics
-        .iter()
-        .filter(|t| changes.iter().any(|c| matches!(c, Change::Create { topic, .. } if *topic == t.name)))
-        .collect();
+    let to_create: Vec<&TopicSpec> =
+        topology.topics.iter().filter(|t| changes.iter().any(|c| matches!(c, Change::Create { topic, .. } if *topic == t.name))).collect();
     if !to_create.is_empty() {
         let configs: Vec<BTreeMap<&str, String>> = to_create.iter().map(|t| t.configs(max_rf)).collect();
         let new_topics: Vec<NewTopic> = to_create
             .iter()
             .zip(&configs)
             .map(|(t, cfgs)| {
-                let mut nt = NewTopic::new(
-                    &t.name,
-                    t.partitions,
-                    TopicReplication::Fixed(t.replication_factor.min(max_rf)),
-                );
+                let mut nt = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication_factor.min(max_rf)));
                 for (k, v) in cfgs {
                     nt = nt.set(k, v);
                 }
                 nt
             })
             .collect();
-        let results = admin
-            .create_topics(new_topics.iter(), &opts)
-            .await
-            .map_err(|source| BusError::Op { op: "create topics", source })?;
+        let results = admin.create_topics(new_topics.iter(), &opts).await.map_err(|source| BusError::Op { op: "create topics", source })?;
         for r in results {
             if let Err((topic, code)) = r {
                 if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
@@ -328,11 +302,8 @@ pub async fn reconcile(cfg: &KafkaConfig, topology: &Topology, apply: bool) -> R
         }
     }
     // Replace the config set of topics whose configs differ.
-    let to_alter: Vec<&TopicSpec> = topology
-        .topics
-        .iter()
-        .filter(|t| changes.iter().any(|c| matches!(c, Change::Config { topic, .. } if *topic == t.name)))
-        .collect();
+    let to_alter: Vec<&TopicSpec> =
+        topology.topics.iter().filter(|t| changes.iter().any(|c| matches!(c, Change::Config { topic, .. } if *topic == t.name))).collect();
     if !to_alter.is_empty() {
         let configs: Vec<BTreeMap<&str, String>> = to_alter.iter().map(|t| t.configs(max_rf)).collect();
         let alters: Vec<AlterConfig> = to_alter
@@ -346,10 +317,7 @@ pub async fn reconcile(cfg: &KafkaConfig, topology: &Topology, apply: bool) -> R
                 a
             })
             .collect();
-        let results = admin
-            .alter_configs(alters.iter(), &opts)
-            .await
-            .map_err(|source| BusError::Op { op: "alter configs", source })?;
+        let results = admin.alter_configs(alters.iter(), &opts).await.map_err(|source| BusError::Op { op: "alter configs", source })?;
         for r in results {
             if let Err((resource, code)) = r {
                 return Err(TopologyError::Alter { topic: format!("{resource:?}"), detail: code.to_string() });
@@ -384,31 +352,17 @@ pub async fn plan(cfg: &KafkaConfig, topology: &Topology, max_rf: i32) -> Result
         })
         .collect();
     let mut changes = Vec::new();
-    let present: Vec<&TopicSpec> = topology
-        .topics
-        .iter()
-        .filter(|t| existing.contains_key(t.name.as_str()))
-        .collect();
+    let present: Vec<&TopicSpec> = topology.topics.iter().filter(|t| existing.contains_key(t.name.as_str())).collect();
     for t in &topology.topics {
         match existing.get(t.name.as_str()) {
-            None => changes.push(Change::Create {
-                topic: t.name.clone(),
-                partitions: t.partitions,
-                replication: t.replication_factor.min(max_rf),
-            }),
+            None => changes.push(Change::Create { topic: t.name.clone(), partitions: t.partitions, replication: t.replication_factor.min(max_rf) }),
             Some(&(parts, rf)) => {
                 if parts != t.partitions {
-                    changes.push(Change::Drift {
-                        topic: t.name.clone(),
-                        detail: format!("has {parts} partitions, declared {}", t.partitions),
-                    });
+                    changes.push(Change::Drift { topic: t.name.clone(), detail: format!("has {parts} partitions, declared {}", t.partitions) });
                 }
                 let want_rf = t.replication_factor.min(max_rf);
                 if rf != want_rf {
-                    changes.push(Change::Drift {
-                        topic: t.name.clone(),
-                        detail: format!("replication factor {rf}, declared {want_rf}"),
-                    });
+                    changes.push(Change::Drift { topic: t.name.clone(), detail: format!("replication factor {rf}, declared {want_rf}") });
                 }
             }
         }
@@ -419,15 +373,9 @@ pub async fn plan(cfg: &KafkaConfig, topology: &Topology, max_rf: i32) -> Result
     let admin = kafka::admin(cfg)?;
     let opts = AdminOptions::new().request_timeout(Some(cfg.request_timeout()));
     let specs: Vec<ResourceSpecifier> = present.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
-    let described = admin
-        .describe_configs(specs.iter(), &opts)
-        .await
-        .map_err(|source| BusError::Op { op: "describe configs", source })?;
+    let described = admin.describe_configs(specs.iter(), &opts).await.map_err(|source| BusError::Op { op: "describe configs", source })?;
     for (t, result) in present.iter().zip(described) {
-        let resource = result.map_err(|code| TopologyError::Alter {
-            topic: t.name.clone(),
-            detail: format!("describe configs: {code}"),
-        })?;
+        let resource = result.map_err(|code| TopologyError::Alter { topic: t.name.clone(), detail: format!("describe configs: {code}") })?;
         let declared = t.configs(max_rf);
         let overrides: BTreeMap<String, Option<String>> = resource
             .entries
@@ -438,12 +386,7 @@ pub async fn plan(cfg: &KafkaConfig, topology: &Topology, max_rf: i32) -> Result
         for (k, v) in &declared {
             let actual = overrides.get(*k).cloned().flatten();
             if actual.as_deref() != Some(v.as_str()) {
-                changes.push(Change::Config {
-                    topic: t.name.clone(),
-                    key: k.to_string(),
-                    actual,
-                    declared: Some(v.clone()),
-                });
+                changes.push(Change::Config { topic: t.name.clone(), key: k.to_string(), actual, declared: Some(v.clone()) });
             }
         }
         for (k, v) in &overrides {
@@ -456,15 +399,13 @@ pub async fn plan(cfg: &KafkaConfig, topology: &Topology, max_rf: i32) -> Result
 }
 
 async fn metadata(cfg: &KafkaConfig) -> Result<Metadata, TopologyError> {
-    let consumer: BaseConsumer = kafka::client_config(cfg, "topology")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))?;
+    let consumer: BaseConsumer = kafka::client_config(cfg, "topology").create().map_err(|e| BusError::Config(e.to_string()))?;
     let timeout = cfg.request_timeout();
     let brokers = cfg.bootstrap_servers.clone();
     tokio::task::spawn_blocking(move || {
-        consumer.fetch_metadata(None, timeout).map_err(|e| {
-            TopologyError::Bus(BusError::Unreachable { brokers, waited: timeout, detail: e.to_string() })
-        })
+        consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| TopologyError::Bus(BusError::Unreachable { brokers, waited: timeout, detail: e.to_string() }))
     })
     .await
     .expect("metadata task panicked")
@@ -482,9 +423,7 @@ mod tests {
         }
         for ch in ["apns", "fcm", "sms", "email"] {
             assert_eq!(t.name(&format!("delivery.{ch}")).unwrap(), format!("herald.delivery.{ch}"));
-            let delays: Vec<_> = (1..=3)
-                .map(|n| t.topic(&format!("retry.{ch}.{n}")).unwrap().retry_delay.unwrap())
-                .collect();
+            let delays: Vec<_> = (1..=3).map(|n| t.topic(&format!("retry.{ch}.{n}")).unwrap().retry_delay.unwrap()).collect();
             assert!(delays.windows(2).all(|w| w[0] < w[1]), "retry delays must increase");
         }
         assert_eq!(t.topic("changes").unwrap().cleanup, "compact");
@@ -508,9 +447,7 @@ mod tests {
     #[test]
     fn bad_files_are_rejected_with_the_reason() {
         let base = "[defaults]\npartitions=1\nreplication_factor=1\nmin_insync_replicas=1\nretention=\"1d\"\ncleanup=\"delete\"\n";
-        let e = Topology::parse(&format!("{base}[[topic]]\nid=\"a\"\nname=\"a\"\nkey=\"k\"\nvalue=\"avro:Nope\"\n"), "t")
-            .unwrap_err()
-            .to_string();
+        let e = Topology::parse(&format!("{base}[[topic]]\nid=\"a\"\nname=\"a\"\nkey=\"k\"\nvalue=\"avro:Nope\"\n"), "t").unwrap_err().to_string();
         assert!(e.contains("Nope"), "{e}");
         let e = Topology::parse(&format!("{base}[[topic]]\nid=\"a\"\nname=\"a\"\nkey=\"k\"\nvalue=\"raw\"\nretention=\"soon\"\n"), "t")
             .unwrap_err()

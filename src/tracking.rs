@@ -22,10 +22,7 @@ pub struct TrackingSettings {
 
 impl std::fmt::Debug for TrackingSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrackingSettings")
-            .field("base_url", &self.base_url)
-            .field("secret", &"<redacted>")
-            .finish()
+        f.debug_struct("TrackingSettings").field("base_url", &self.base_url).field("secret", &"<redacted>").finish()
     }
 }
 

@@ -65,7 +65,16 @@ impl Client {
     /// Full control: raw body, content type, timestamp, nonce and a hook to tamper with the
     /// signed headers.
     #[allow(clippy::too_many_arguments)]
-    async fn raw(&self, method: &str, pq: &str, body: Vec<u8>, ct: Option<&str>, ts: i64, nonce: Option<&str>, tweak: impl FnOnce(&mut Vec<(&'static str, String)>)) -> Answer {
+    async fn raw(
+        &self,
+        method: &str,
+        pq: &str,
+        body: Vec<u8>,
+        ct: Option<&str>,
+        ts: i64,
+        nonce: Option<&str>,
+        tweak: impl FnOnce(&mut Vec<(&'static str, String)>),
+    ) -> Answer {
         let mut headers = herald::api::auth::sign_request(&self.key, &self.secret, method, pq, &body, ts, nonce);
         tweak(&mut headers);
         let mut rb = self.http.request(method.parse().unwrap(), format!("{}{pq}", self.base)).body(body);
@@ -94,7 +103,10 @@ async fn answer(r: reqwest::Response) -> Answer {
 /// Every property of `body` is documented for (path, method, status), and it is an object.
 fn documented(path: &str, method: &str, a: &Answer) {
     let doc = openapi::document();
-    let props: BTreeSet<String> = openapi::response_properties(&doc, path, method, a.status.as_str()).unwrap_or_else(|| panic!("{method} {path} {} has no documented schema", a.status)).into_iter().collect();
+    let props: BTreeSet<String> = openapi::response_properties(&doc, path, method, a.status.as_str())
+        .unwrap_or_else(|| panic!("{method} {path} {} has no documented schema", a.status))
+        .into_iter()
+        .collect();
     let got: BTreeSet<String> = a.body.as_object().unwrap_or_else(|| panic!("not an object: {a:?}")).keys().cloned().collect();
     assert!(got.is_subset(&props), "{method} {path} {}: undocumented properties {:?}", a.status, got.difference(&props).collect::<Vec<_>>());
 }
@@ -159,14 +171,21 @@ vonage_signature_method = "sha256"
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let mut api = Api { env, base: base.clone(), base2, http: http.clone(), admin: Client { base, key: String::new(), secret: String::new(), http } };
+        let mut api =
+            Api { env, base: base.clone(), base2, http: http.clone(), admin: Client { base, key: String::new(), secret: String::new(), http } };
         api.admin = api.app(&["--scopes", "admin"]);
         api
     }
 
     /// `herald apps <args>` with this env's config; stdout.
     fn apps(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_herald")).arg("apps").args(args).env("HERALD_CONFIG", &self.env.config_path).env("RUST_LOG", "warn").output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("apps")
+            .args(args)
+            .env("HERALD_CONFIG", &self.env.config_path)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "herald apps {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
@@ -177,7 +196,12 @@ vonage_signature_method = "sha256"
         let mut all = vec!["create", "--name", &name, "--json"];
         all.extend_from_slice(args);
         let v: Value = serde_json::from_str(&self.apps(&all)).unwrap();
-        Client { base: self.base.clone(), key: v["key"].as_str().unwrap().into(), secret: v["secret"].as_str().unwrap().into(), http: self.http.clone() }
+        Client {
+            base: self.base.clone(),
+            key: v["key"].as_str().unwrap().into(),
+            secret: v["secret"].as_str().unwrap().into(),
+            http: self.http.clone(),
+        }
     }
 }
 
@@ -321,7 +345,10 @@ async fn batch_sends_one_template_to_many(api: &Api) {
         user_with_email(api, &api.admin, u).await;
     }
     let recipients: Vec<Value> = users.iter().enumerate().map(|(i, u)| json!({ "user_id": u, "params": { "amount": format!("{i}.00") } })).collect();
-    let a = api.admin.call("POST", "/v1/notifications/batch", Some(json!({ "template_id": "bill_due", "channels": ["email"], "recipients": recipients }))).await;
+    let a = api
+        .admin
+        .call("POST", "/v1/notifications/batch", Some(json!({ "template_id": "bill_due", "channels": ["email"], "recipients": recipients })))
+        .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     documented("/v1/notifications/batch", "post", &a);
     let ids: Vec<String> = a.body["event_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
@@ -331,8 +358,18 @@ async fn batch_sends_one_template_to_many(api: &Api) {
         assert_eq!(api.env.deliveries(id)[0].content.subject.as_deref(), Some(format!("Your bill: {i}.00").as_str()));
     }
     // One bad recipient refuses the whole batch, naming it.
-    let a = api.admin.call("POST", "/v1/notifications/batch", Some(json!({ "template_id": "bill_due", "params": { "amount": "1" }, "recipients": [{ "user_id": "ok" }, { "user_id": "bad/id" }] }))).await;
-    assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("recipients[1].user_id")));
+    let a = api
+        .admin
+        .call(
+            "POST",
+            "/v1/notifications/batch",
+            Some(json!({ "template_id": "bill_due", "params": { "amount": "1" }, "recipients": [{ "user_id": "ok" }, { "user_id": "bad/id" }] })),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("recipients[1].user_id"))
+    );
     let a = api.admin.call("POST", "/v1/notifications/batch", Some(json!({ "template_id": "bill_due", "recipients": [] }))).await;
     assert_eq!(a.code(), "invalid_request");
 }
@@ -341,7 +378,8 @@ async fn inline_contacts_are_validated_and_stored(api: &Api) {
     let user = unique("inline");
     let mut body = bill(&user);
     body["channels"] = json!(["email", "sms", "push"]);
-    body["contact"] = json!({ "email": format!("{user}@example.com"), "phone": "+49 151 12345678", "devices": [{ "platform": "ios", "token": APNS }] });
+    body["contact"] =
+        json!({ "email": format!("{user}@example.com"), "phone": "+49 151 12345678", "devices": [{ "platform": "ios", "token": APNS }] });
     let a = api.admin.call("POST", "/v1/notifications", Some(body.clone())).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     let id = a.body["event_id"].as_str().unwrap();
@@ -373,24 +411,36 @@ async fn authentication_errors(api: &Api) {
     let unknown = Client { key: "hk_000000000000000000000000".into(), ..c.clone() };
     for client in [&wrong, &unknown] {
         let a = client.call("GET", "/v1/templates", None).await;
-        assert_eq!((a.status, a.code(), a.body["error"]["message"].as_str()), (StatusCode::UNAUTHORIZED, "invalid_signature", Some("invalid signature")));
+        assert_eq!(
+            (a.status, a.code(), a.body["error"]["message"].as_str()),
+            (StatusCode::UNAUTHORIZED, "invalid_signature", Some("invalid signature"))
+        );
     }
-    let a = c.raw("GET", "/v1/templates", vec![], None, now, Some(&nonce()), |h| h.iter_mut().filter(|(k, _)| *k == "x-herald-signature").for_each(|(_, v)| *v = "0".repeat(64))).await;
+    let a = c
+        .raw("GET", "/v1/templates", vec![], None, now, Some(&nonce()), |h| {
+            h.iter_mut().filter(|(k, _)| *k == "x-herald-signature").for_each(|(_, v)| *v = "0".repeat(64))
+        })
+        .await;
     assert_eq!(a.code(), "invalid_signature");
     // Signed for another body / path / query.
-    let a = c.raw("POST", "/v1/notifications", b"{}".to_vec(), Some("application/json"), now, Some(&nonce()), |h| {
-        let other = herald::api::auth::sign_request(&c.key, &c.secret, "POST", "/v1/notifications", b"{ }", now, None);
-        h.retain(|(k, _)| *k != "x-herald-signature" && *k != "x-herald-nonce");
-        h.push(other.into_iter().find(|(k, _)| *k == "x-herald-signature").unwrap());
-    })
-    .await;
+    let a = c
+        .raw("POST", "/v1/notifications", b"{}".to_vec(), Some("application/json"), now, Some(&nonce()), |h| {
+            let other = herald::api::auth::sign_request(&c.key, &c.secret, "POST", "/v1/notifications", b"{ }", now, None);
+            h.retain(|(k, _)| *k != "x-herald-signature" && *k != "x-herald-nonce");
+            h.push(other.into_iter().find(|(k, _)| *k == "x-herald-signature").unwrap());
+        })
+        .await;
     assert_eq!(a.code(), "invalid_signature");
     // Stale and future timestamps.
     for ts in [chrono::Utc::now().timestamp() - 330, chrono::Utc::now().timestamp() + 330] {
         let a = c.raw("GET", "/v1/templates", vec![], None, ts, Some(&nonce()), |_| {}).await;
         assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "stale_timestamp"));
     }
-    let a = c.raw("GET", "/v1/templates", vec![], None, now, Some(&nonce()), |h| h.iter_mut().filter(|(k, _)| *k == "x-herald-timestamp").for_each(|(_, v)| *v = "yesterday".into())).await;
+    let a = c
+        .raw("GET", "/v1/templates", vec![], None, now, Some(&nonce()), |h| {
+            h.iter_mut().filter(|(k, _)| *k == "x-herald-timestamp").for_each(|(_, v)| *v = "yesterday".into())
+        })
+        .await;
     assert_eq!(a.code(), "malformed_auth");
     // A replay of the same signed request.
     let n = nonce();
@@ -467,7 +517,13 @@ async fn rotation_and_revocation(api: &Api) {
     let a = rotated.call("GET", "/v1/templates", None).await;
     assert_eq!((a.status, a.code()), (StatusCode::UNAUTHORIZED, "invalid_signature"));
     // Stored encrypted: neither secret is in the table.
-    let rows = api.env.store.session.query_unpaged(format!("SELECT secret_enc, previous_secret_enc FROM {}.api_apps WHERE app_key = ?", api.env.config.store.keyspace), (&c.key,)).await.unwrap();
+    let rows = api
+        .env
+        .store
+        .session
+        .query_unpaged(format!("SELECT secret_enc, previous_secret_enc FROM {}.api_apps WHERE app_key = ?", api.env.config.store.keyspace), (&c.key,))
+        .await
+        .unwrap();
     let (enc, prev): (Option<String>, Option<String>) = rows.into_rows_result().unwrap().first_row().unwrap();
     let (enc, prev) = (enc.unwrap(), prev.unwrap());
     assert!(!enc.contains(&rotated.secret) && !prev.contains(&c.secret) && enc.len() > 40);
@@ -499,7 +555,9 @@ async fn scopes_and_categories(api: &Api) {
     let user = unique("cat");
     user_with_email(api, &api.admin, &user).await;
     assert_eq!(billing_only.call("POST", "/v1/notifications", Some(bill(&user))).await.status, StatusCode::ACCEPTED);
-    let a = billing_only.call("POST", "/v1/notifications", Some(json!({ "user_id": user, "template_id": "login_code", "params": { "code": "1" } }))).await;
+    let a = billing_only
+        .call("POST", "/v1/notifications", Some(json!({ "user_id": user, "template_id": "login_code", "params": { "code": "1" } })))
+        .await;
     assert_eq!((a.status, a.code()), (StatusCode::FORBIDDEN, "category_not_allowed"));
     let mut inline = bill(&user);
     inline["contact"] = json!({ "email": "a@example.com" });
@@ -513,7 +571,10 @@ async fn validation_errors(api: &Api) {
     let a = post(json!({ "user_id": "u", "template_id": "no_such_template" })).await;
     assert_eq!((a.status, a.code()), (StatusCode::UNPROCESSABLE_ENTITY, "unknown_template"));
     let a = post(json!({ "user_id": "u", "template_id": "bill_due" })).await;
-    assert_eq!((a.status, a.code(), a.body["error"]["details"]["missing"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, "missing_params", json!(["amount"])));
+    assert_eq!(
+        (a.status, a.code(), a.body["error"]["details"]["missing"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "missing_params", json!(["amount"]))
+    );
     let a = post(json!({ "user_id": "u", "template_id": "bill_due", "category": "nope", "params": { "amount": "1" } })).await;
     assert_eq!(a.code(), "unknown_category");
     let a = post(json!({ "user_id": "u", "template_id": "bill_due", "channels": ["fax"], "params": { "amount": "1" } })).await;
@@ -544,17 +605,37 @@ async fn validation_errors(api: &Api) {
     for id in ["v1\u{202E}gnp", "v\u{200D}1", "\u{2066}v1"] {
         let pq = format!("/v1/users/{}", url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>());
         let a = c.call("PUT", &pq, Some(json!({ "email": "v@example.com" }))).await;
-        assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")), "{id:?}: {a:?}");
+        assert_eq!(
+            (a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")),
+            "{id:?}: {a:?}"
+        );
         let a = post(json!({ "user_id": id, "template_id": "bill_due", "params": { "amount": "1" } })).await;
-        assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")), "{id:?}: {a:?}");
+        assert_eq!(
+            (a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("user_id")),
+            "{id:?}: {a:?}"
+        );
     }
     // A NUL byte in a param.
     let a = post(json!({ "user_id": "u", "template_id": "bill_due", "params": { "amount": "1\u{0}" } })).await;
-    assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("params.amount")), "{a:?}");
+    assert_eq!(
+        (a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("params.amount")),
+        "{a:?}"
+    );
     // Opting out of a category that cannot be opted out of.
-    let a = c.call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": false }] }))).await;
-    assert_eq!((a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("preferences[0].opt_in")), "{a:?}");
-    let a = c.call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": true }] }))).await;
+    let a = c
+        .call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": false }] })))
+        .await;
+    assert_eq!(
+        (a.status, a.body["error"]["details"]["fields"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("preferences[0].opt_in")),
+        "{a:?}"
+    );
+    let a = c
+        .call("PUT", "/v1/users/v1/preferences", Some(json!({ "preferences": [{ "channel": "sms", "category": "security", "opt_in": true }] })))
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
 }
 
@@ -573,7 +654,13 @@ async fn rate_limits_answer_429(api: &Api) {
 async fn contacts_crud_and_token_moves(api: &Api) {
     let c = &api.admin;
     let (a_id, b_id) = (unique("ca"), unique("cb"));
-    let a = c.call("PUT", &format!("/v1/users/{a_id}"), Some(json!({ "email": "a@example.com", "phone": "+4915112345678", "locale": "de-DE", "timezone": "Europe/Berlin" }))).await;
+    let a = c
+        .call(
+            "PUT",
+            &format!("/v1/users/{a_id}"),
+            Some(json!({ "email": "a@example.com", "phone": "+4915112345678", "locale": "de-DE", "timezone": "Europe/Berlin" })),
+        )
+        .await;
     assert_eq!(a.status, StatusCode::OK);
     documented("/v1/users/{user_id}", "put", &a);
     user_with_email(api, c, &b_id).await;
@@ -596,12 +683,24 @@ async fn contacts_crud_and_token_moves(api: &Api) {
     let a = c.call("POST", &format!("/v1/users/{}/devices", unique("ghost")), Some(json!({ "platform": "ios", "token": APNS }))).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     // Preferences.
-    let a = c.call("PUT", &format!("/v1/users/{a_id}/preferences"), Some(json!({ "preferences": [{ "channel": "email", "category": "marketing", "opt_in": false }] }))).await;
+    let a = c
+        .call(
+            "PUT",
+            &format!("/v1/users/{a_id}/preferences"),
+            Some(json!({ "preferences": [{ "channel": "email", "category": "marketing", "opt_in": false }] })),
+        )
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     documented("/v1/users/{user_id}/preferences", "put", &a);
     let a = c.call("GET", &format!("/v1/users/{a_id}/preferences"), None).await;
     assert_eq!(a.body["preferences"], json!([{ "channel": "email", "category": "marketing", "opt_in": false }]));
-    let a = c.call("PUT", &format!("/v1/users/{a_id}/preferences"), Some(json!({ "preferences": [{ "channel": "pigeon", "category": "nope", "opt_in": true }] }))).await;
+    let a = c
+        .call(
+            "PUT",
+            &format!("/v1/users/{a_id}/preferences"),
+            Some(json!({ "preferences": [{ "channel": "pigeon", "category": "nope", "opt_in": true }] })),
+        )
+        .await;
     assert_eq!(a.body["error"]["details"]["fields"].as_array().unwrap().len(), 2);
     // Delete.
     assert_eq!(c.call("DELETE", &format!("/v1/users/{a_id}"), None).await.status, StatusCode::NO_CONTENT);
@@ -674,7 +773,9 @@ async fn templates_create_version_list_preview(api: &Api) {
     assert_eq!(pv1.body["previews"][0]["content"]["subject"], "Hallo Ada");
     assert_eq!(c.call("POST", &format!("/v1/templates/{}/preview", unique("none")), None).await.status, StatusCode::NOT_FOUND);
     let user = unique("tpl-user");
-    let a = c.call("POST", "/v1/notifications", Some(json!({ "user_id": user, "template_id": id, "channels": ["sms"], "params": { "name": "x" } }))).await;
+    let a = c
+        .call("POST", "/v1/notifications", Some(json!({ "user_id": user, "template_id": id, "channels": ["sms"], "params": { "name": "x" } })))
+        .await;
     assert_eq!(a.body["error"]["details"]["missing"], json!(["code"]), "validated against version 2: {a:?}");
 }
 
@@ -736,7 +837,9 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     // The dispatcher's status callback URL names the delivery (Twilio signs it with its query).
     let url = format!("{}/webhooks/twilio?delivery_id={delivery}", api.base);
     let sig = url_params_signature(b"tw-test-token", &url, &owned);
-    let post = |sig: String| api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-twilio-signature", sig).body(form(&params)).send();
+    let post = |sig: String| {
+        api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-twilio-signature", sig).body(form(&params)).send()
+    };
     let a = answer(post(sig.clone()).await.unwrap()).await;
     assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
     documented("/webhooks/twilio", "post", &a);
@@ -748,7 +851,17 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     // Signed, but without the status fields.
     let bare = [("AccountSid", "AC1")];
     let bare_sig = url_params_signature(b"tw-test-token", &url, &[("AccountSid".to_string(), "AC1".to_string())]);
-    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-twilio-signature", bare_sig).body(form(&bare)).send().await.unwrap()).await;
+    let a = answer(
+        api.http
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", bare_sig)
+            .body(form(&bare))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((a.status, a.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"), "{a:?}");
     documented("/webhooks/twilio", "post", &a);
     let a = answer(post(url_params_signature(b"not-the-token", &url, &owned)).await.unwrap()).await;
@@ -759,10 +872,18 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     // Vonage: the delivery id comes back as client-ref.
     let (event, delivery, _) = sent(api, "vonage", &unique("vn"), "sms").await;
     let ts = chrono::Utc::now().timestamp().to_string();
-    let mut q: Vec<(String, String)> = [("messageId", "0A0000001"), ("status", "failed"), ("err-code", "3"), ("client-ref", &delivery), ("msisdn", "4915112345678"), ("timestamp", &ts), ("nonce", "abc")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut q: Vec<(String, String)> = [
+        ("messageId", "0A0000001"),
+        ("status", "failed"),
+        ("err-code", "3"),
+        ("client-ref", &delivery),
+        ("msisdn", "4915112345678"),
+        ("timestamp", &ts),
+        ("nonce", "abc"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     let sig = vonage_signature(b"vn-test-secret", "sha256", &q);
     q.push(("sig".into(), sig));
     let query = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&q).finish();
@@ -775,7 +896,11 @@ async fn twilio_and_vonage_webhooks(api: &Api) {
     assert_eq!(a.code(), "invalid_signature");
     // A receipt signed an hour ago (longer than webhook_timestamp_tolerance).
     let old_ts = (chrono::Utc::now().timestamp() - 3600).to_string();
-    let mut q: Vec<(String, String)> = [("messageId", "0A0000002"), ("status", "delivered"), ("client-ref", delivery.as_str()), ("timestamp", old_ts.as_str())].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut q: Vec<(String, String)> =
+        [("messageId", "0A0000002"), ("status", "delivered"), ("client-ref", delivery.as_str()), ("timestamp", old_ts.as_str())]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     let sig = vonage_signature(b"vn-test-secret", "sha256", &q);
     q.push(("sig".into(), sig));
     let query = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&q).finish();
@@ -846,7 +971,14 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
     let events = json!([{ "event": "hard_bounce", "_id": mid, "ts": 1700000000, "msg": { "_id": mid, "state": "bounced", "bounce_description": "bad_mailbox", "metadata": { "delivery_id": delivery } } }]).to_string();
     let url = format!("{}/webhooks/mandrill", api.base);
     let sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), events.clone())]);
-    let post = |sig: String| api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", sig).body(form(&[("mandrill_events", &events)])).send();
+    let post = |sig: String| {
+        api.http
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-mandrill-signature", sig)
+            .body(form(&[("mandrill_events", &events)]))
+            .send()
+    };
     let a = answer(post(sig.clone()).await.unwrap()).await;
     assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
     let os = api.env.wait_outcomes(&event, WAIT, |os| os.iter().any(|o| o.status == "bounced")).await;
@@ -856,7 +988,17 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
     // Signed, but mandrill_events is not JSON.
     let bad = [("mandrill_events", "[not json")];
     let bad_sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), "[not json".to_string())]);
-    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", bad_sig).body(form(&bad)).send().await.unwrap()).await;
+    let a = answer(
+        api.http
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-mandrill-signature", bad_sig)
+            .body(form(&bad))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "malformed_json"), "{a:?}");
     documented("/webhooks/mandrill", "post", &a);
     // ...and a message sent before migration 009 (no metadata; dispatchers then also wrote
@@ -869,7 +1011,17 @@ async fn sendgrid_and_mandrill_webhooks(api: &Api) {
         .unwrap();
     let old = json!([{ "event": "hard_bounce", "_id": old_mid, "ts": 1700000000, "msg": { "_id": old_mid, "state": "bounced", "bounce_description": "bad_mailbox", "metadata": {} } }]).to_string();
     let old_sig = url_params_signature(b"md-test-key", &url, &[("mandrill_events".to_string(), old.clone())]);
-    let a = answer(api.http.post(&url).header("content-type", "application/x-www-form-urlencoded").header("x-mandrill-signature", old_sig).body(form(&[("mandrill_events", &old)])).send().await.unwrap()).await;
+    let a = answer(
+        api.http
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-mandrill-signature", old_sig)
+            .body(form(&[("mandrill_events", &old)]))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((a.status, a.body["recorded"].as_i64()), (StatusCode::OK, Some(1)), "{a:?}");
     let os = api.env.wait_outcomes(&old_event, WAIT, |os| os.iter().any(|o| o.status == "bounced")).await;
     assert_eq!(os[0].reason.as_deref(), Some("bad_mailbox"));
@@ -890,7 +1042,9 @@ async fn every_rejection_is_a_json_error(api: &Api) {
     json_error(&a, StatusCode::BAD_REQUEST, "bad_request");
     documented("/v1/users/{user_id}", "get", &a);
     // Too large: a signed body, and a webhook body beyond webhooks' own limit.
-    let a = c.raw("POST", "/v1/notifications", vec![b' '; 20_000], Some("application/json"), chrono::Utc::now().timestamp(), Some(&nonce()), |_| {}).await;
+    let a = c
+        .raw("POST", "/v1/notifications", vec![b' '; 20_000], Some("application/json"), chrono::Utc::now().timestamp(), Some(&nonce()), |_| {})
+        .await;
     json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     documented("/v1/notifications", "post", &a);
     let big = api.http.post(format!("{}/webhooks/sendgrid", api.base)).header("content-type", "application/json").body(vec![b'['; 70_000]);
@@ -899,7 +1053,15 @@ async fn every_rejection_is_a_json_error(api: &Api) {
     documented("/webhooks/sendgrid", "post", &a);
     // A webhook body sent chunked (no length declared) is bounded too.
     let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![b' '; 1000])))));
-    let a = answer(api.http.post(format!("{}/webhooks/mandrill", api.base)).body(reqwest::Body::wrap(http_body_util::StreamBody::new(chunks))).send().await.unwrap()).await;
+    let a = answer(
+        api.http
+            .post(format!("{}/webhooks/mandrill", api.base))
+            .body(reqwest::Body::wrap(http_body_util::StreamBody::new(chunks)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     json_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     // A long request target, and large headers.
     let a = answer(api.http.get(format!("{}/healthz?{}", api.base, "x".repeat(10_000))).send().await.unwrap()).await;
@@ -999,7 +1161,10 @@ async fn slow_and_idle_connections_are_closed(api: &Api) {
         slow(l(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b""),
     );
     assert_eq!(good.await.unwrap(), 20);
-    println!("slow clients closed after: idle {:?}, partial line {:?}, slow headers {:?}, slow body {:?}, idle keep-alive {:?}", idle.0, line.0, headers.0, body.0, keepalive.0);
+    println!(
+        "slow clients closed after: idle {:?}, partial line {:?}, slow headers {:?}, slow body {:?}, idle keep-alive {:?}",
+        idle.0, line.0, headers.0, body.0, keepalive.0
+    );
     for (what, (took, _)) in [("idle", &idle), ("partial request line", &line), ("slow headers", &headers)] {
         let took = *took;
         assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(6), "{what}: closed after {took:?} (header_read_timeout 2s)");

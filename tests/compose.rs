@@ -98,8 +98,7 @@ fn every_herald_variable_is_one_herald_reads() {
             assert!(env.contains_key(required), "{name}: {required} missing");
         }
         // deny_unknown_fields + typed parsing: a misspelt or mistyped variable fails here.
-        let config = herald::config::Config::load_from(None, env.clone())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let config = herald::config::Config::load_from(None, env.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let hosts: Vec<&str> = config.kafka.bootstrap_servers.split(',').collect();
         assert!(hosts.iter().all(|h| services(&v).contains_key(h.split(':').next().unwrap())), "{name}: kafka host is not a service");
         assert!(config.registry.url.starts_with("http://registry:8081/"), "{name}: {}", config.registry.url);
@@ -116,11 +115,7 @@ fn every_role_command_is_a_herald_subcommand() {
             .iter()
             .map(|a| a.as_str().unwrap().to_string())
             .collect();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(&args)
-            .arg("--help")
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(&args).arg("--help").output().unwrap();
         assert!(out.status.success(), "{name}: `herald {}` is not a command: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -133,9 +128,7 @@ fn ports_and_broker_settings_match_scripts_stack() {
     }
     let v = compose();
     let s = services(&v);
-    let published = |svc: &str| -> Vec<String> {
-        s[svc]["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
-    };
+    let published = |svc: &str| -> Vec<String> { s[svc]["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect() };
     assert!(published("kafka").contains(&"9092:9092".to_string()));
     assert!(published("scylla").contains(&"9042:9042".to_string()));
     assert!(published("registry").contains(&"8081:8081".to_string()));

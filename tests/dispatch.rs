@@ -80,8 +80,15 @@ impl Harness {
 fn delivery(channel: &str, user: &str, address: &str, device: Option<&str>) -> ChannelDelivery {
     let event = unique("evt");
     let content = match channel {
-        "email" => RenderedContent { subject: Some(format!("Hello {event}")), html: Some("<p>hi</p>".into()), text: Some("hi".into()), ..Default::default() },
-        "sms" => RenderedContent { body: Some(format!("Code for {event}")), sms_encoding: Some("GSM-7".into()), sms_segments: Some(1), ..Default::default() },
+        "email" => {
+            RenderedContent { subject: Some(format!("Hello {event}")), html: Some("<p>hi</p>".into()), text: Some("hi".into()), ..Default::default() }
+        }
+        "sms" => RenderedContent {
+            body: Some(format!("Code for {event}")),
+            sms_encoding: Some("GSM-7".into()),
+            sms_segments: Some(1),
+            ..Default::default()
+        },
         _ => RenderedContent { title: Some("Hi".into()), body: Some(format!("Push {event}")), ..Default::default() },
     };
     ChannelDelivery {
@@ -213,7 +220,10 @@ async fn repeated_failure_dead_letters_with_an_alert() {
     // The contract of topology/topics.toml, read as a plain Kafka client reads it: the DLQ
     // record carries the delivery's key and bytes and `herald-dlq-source` =
     // `topic:partition:offset` of the record the last attempt consumed (the last retry topic).
-    let (_, payload, hd) = dead.iter().find(|(key, _, _)| key.as_deref() == Some(d.user_id.as_bytes())).expect("the delivery's DLQ record, keyed by its user id as on the delivery topic");
+    let (_, payload, hd) = dead
+        .iter()
+        .find(|(key, _, _)| key.as_deref() == Some(d.user_id.as_bytes()))
+        .expect("the delivery's DLQ record, keyed by its user id as on the delivery topic");
     assert!(payload.as_ref().is_some_and(|p| !p.is_empty()), "the original bytes");
     let source = hd.get("herald-dlq-source").expect("herald-dlq-source");
     let parts: Vec<&str> = source.split(':').collect();
@@ -288,7 +298,12 @@ async fn refused_credentials_take_the_provider_out_of_rotation_and_alert() {
     }
     assert_eq!(at_twilio, 1, "one refusal takes Twilio out of rotation (it is not tried again for a minute)");
     let first = h.env.outcomes(&ds[0].event_id);
-    assert!(first.iter().any(|o| o.status == "retry_scheduled" && o.reason.as_deref().is_some_and(|r| r.contains("20003") && r.contains("failing over to vonage"))), "{first:?}");
+    assert!(
+        first.iter().any(
+            |o| o.status == "retry_scheduled" && o.reason.as_deref().is_some_and(|r| r.contains("20003") && r.contains("failing over to vonage"))
+        ),
+        "{first:?}"
+    );
     let log = h.env.log("dispatch-sms");
     assert!(log.contains("ERROR") && log.contains("provider refused herald's credentials"), "alert logged:\n{}", common::env::tail(&log, 20));
 }
@@ -363,16 +378,14 @@ async fn a_dispatcher_sigkilled_three_times_resends_only_within_the_window() {
     let received = h.received("sendgrid").await;
     let log = h.env.log("dispatch-email");
     // "One write": the longest group-commit write the dispatchers logged.
-    let write_ms = log.split("write_ms=").skip(1).filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i64>().ok()).max().unwrap_or(0);
+    let write_ms =
+        log.split("write_ms=").skip(1).filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i64>().ok()).max().unwrap_or(0);
     let window = LATENCY_MS + INTERVAL_MS + write_ms;
     let slack = 100; // scheduling on a loaded 2-core machine
     let (mut twice, mut ages) = (0, Vec::new());
     for d in &ds {
-        let times: Vec<chrono::DateTime<chrono::Utc>> = received
-            .iter()
-            .filter(|r| r.to_string().contains(&d.delivery_id))
-            .map(|r| r["at"].as_str().unwrap().parse().unwrap())
-            .collect();
+        let times: Vec<chrono::DateTime<chrono::Utc>> =
+            received.iter().filter(|r| r.to_string().contains(&d.delivery_id)).map(|r| r["at"].as_str().unwrap().parse().unwrap()).collect();
         assert!(!times.is_empty(), "{} never reached SendGrid (lost)", d.delivery_id);
         let sent = h.env.outcomes(&d.event_id).into_iter().filter(|o| o.status == "sent").count();
         assert_eq!(sent, 1, "{}: exactly one committed 'sent' outcome", d.event_id);
@@ -392,7 +405,10 @@ async fn a_dispatcher_sigkilled_three_times_resends_only_within_the_window() {
     );
     assert!(twice <= uncertain, "{twice} duplicate sends but only {uncertain} were counted as uncertain");
     for (id, age) in &ages {
-        assert!(age.is_some_and(|a| a <= window + slack), "{id} was sent twice, but its first send was {age:?} ms before a kill (window {window} ms + {slack} ms)");
+        assert!(
+            age.is_some_and(|a| a <= window + slack),
+            "{id} was sent twice, but its first send was {age:?} ms before a kill (window {window} ms + {slack} ms)"
+        );
     }
 }
 

@@ -122,7 +122,12 @@ impl Load {
             let content = match channel {
                 "email" => RenderedContent { subject: Some("Hi".into()), text: Some("hi".into()), ..Default::default() },
                 // The SMS text carries its delivery id, so the sandbox's log can be reconciled.
-                _ => RenderedContent { body: Some(format!("Code {id}")), sms_encoding: Some("GSM-7".into()), sms_segments: Some(1), ..Default::default() },
+                _ => RenderedContent {
+                    body: Some(format!("Code {id}")),
+                    sms_encoding: Some("GSM-7".into()),
+                    sms_segments: Some(1),
+                    ..Default::default()
+                },
             };
             let d = ChannelDelivery {
                 delivery_id: id,

@@ -63,18 +63,12 @@ async fn avro_notification_requested_round_trips_through_kafka() {
         .map_err(|(e, _)| e)
         .expect("produce (acks=all)");
 
-    let consumer: StreamConsumer = herald::kafka::client_config(&c.kafka, "test")
-        .set("group.id", unique("herald-test"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer: StreamConsumer =
+        herald::kafka::client_config(&c.kafka, "test").set("group.id", unique("herald-test")).set("enable.auto.commit", "false").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).unwrap();
     consumer.assign(&tpl).unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
-        .await
-        .expect("record consumed within 20 s")
-        .expect("consume");
+    let msg = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await.expect("record consumed within 20 s").expect("consume");
     assert_eq!(msg.key(), Some(sent.user_id.as_bytes()));
     let reader = herald::schemas::schema("NotificationRequested").unwrap();
     let got: NotificationRequested = codec.decode(msg.payload(), &reader).await.expect("decode");
@@ -83,7 +77,8 @@ async fn avro_notification_requested_round_trips_through_kafka() {
     // herald's encoder writes exactly what schema_registry_converter's encode_struct writes
     // (the same schema id and Avro body), for every record kind it produces.
     let converter = schema_registry_converter::async_impl::avro::AvroEncoder::new(herald::schemas::sr_settings(&c.registry).unwrap());
-    let by_converter = |topic: &str| schema_registry_converter::schema_registry_common::SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
+    let by_converter =
+        |topic: &str| schema_registry_converter::schema_registry_common::SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
     assert_eq!(bytes, converter.encode_struct(&sent, &by_converter(topic)).await.unwrap(), "NotificationRequested");
     let delivery = ChannelDelivery {
         delivery_id: delivery_id(&sent.event_id, "email", "a@example.com"),
@@ -96,7 +91,13 @@ async fn avro_notification_requested_round_trips_through_kafka() {
         device_id: None,
         locale: "en".into(),
         priority: Priority::High,
-        content: RenderedContent { title: Some("t".into()), body: Some("b\u{e9}".into()), data: [("k".to_string(), "v".to_string())].into(), subject: Some("s".into()), ..Default::default() },
+        content: RenderedContent {
+            title: Some("t".into()),
+            body: Some("b\u{e9}".into()),
+            data: [("k".to_string(), "v".to_string())].into(),
+            subject: Some("s".into()),
+            ..Default::default()
+        },
         attempt: 2,
         not_before: Some(1),
         deadline: 2,
@@ -148,10 +149,7 @@ async fn poison_bytes_and_unknown_schema_ids_are_permanent_errors() {
     let e = codec.decode::<NotificationRequested>(Some(b"{\"json\": true}"), &reader).await.unwrap_err();
     assert!(matches!(e, CodecError::Poison(_)) && !e.is_retryable(), "{e}");
     // Magic byte, then a schema id nobody registered.
-    let e = codec
-        .decode::<NotificationRequested>(Some(&[0, 0x7f, 0xff, 0xff, 0xf0, 2, 3]), &reader)
-        .await
-        .unwrap_err();
+    let e = codec.decode::<NotificationRequested>(Some(&[0, 0x7f, 0xff, 0xff, 0xf0, 2, 3]), &reader).await.unwrap_err();
     assert!(!e.is_retryable(), "unknown schema id must be poison, got {e}");
 }
 
@@ -202,7 +200,17 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
         let id = format!("bulk-{i}");
         store.put_user(&User { user_id: id.clone(), email: Some(format!("{id}@example.com")), ..Default::default() }).await.unwrap();
         if i % 3 == 0 {
-            store.put_device(&Device { user_id: id.clone(), device_id: "d0".into(), platform: "ios".into(), token: format!("tok-{id}"), app_id: None, active: true }).await.unwrap();
+            store
+                .put_device(&Device {
+                    user_id: id.clone(),
+                    device_id: "d0".into(),
+                    platform: "ios".into(),
+                    token: format!("tok-{id}"),
+                    app_id: None,
+                    active: true,
+                })
+                .await
+                .unwrap();
         }
     }
     store.set_contact_active("bulk-4", "email", false).await.unwrap();
@@ -276,7 +284,13 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
         hit: ThrottleHit { event_id: e.into(), at },
         window: Duration::from_secs(3600),
     };
-    let written = [hit("t1", "email", "promo", "a"), hit("t2", "email", "promo", "c"), hit("t1", "push", "promo", "a"), hit("t1", "email", "promo", "b"), hit("t1", "email", "news", "d")];
+    let written = [
+        hit("t1", "email", "promo", "a"),
+        hit("t2", "email", "promo", "c"),
+        hit("t1", "push", "promo", "a"),
+        hit("t1", "email", "promo", "b"),
+        hit("t1", "email", "news", "d"),
+    ];
     store.put_throttle_hits(&written).await.unwrap();
     let hits = store.throttle_hits("promo", &["t1", "t2", "t3"]).await.unwrap();
     let key = |u: &str, ch: &str| (u.to_string(), ch.to_string());
@@ -318,7 +332,14 @@ async fn every_table_writes_and_reads_through_the_scylla_driver() {
         .filter(|e| *e != "rec-9")
         .flat_map(|e| {
             let source = (e != "rec-3").then(|| format!("api:hk_{e}"));
-            (0..3).map(|k| (DeliveryOutcome { outcome_id: format!("{e}-o{k}"), event_id: e.clone(), status: "routed".into(), ..outcome.clone() }, source.clone())).collect::<Vec<_>>()
+            (0..3)
+                .map(|k| {
+                    (
+                        DeliveryOutcome { outcome_id: format!("{e}-o{k}"), event_id: e.clone(), status: "routed".into(), ..outcome.clone() },
+                        source.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     store.record_events(&claims, ttl, &outcomes).await.unwrap();
@@ -410,9 +431,7 @@ async fn an_incompatible_schema_change_is_refused() {
     herald::schemas::register(&c.registry, &t).await.unwrap();
     let mut v: serde_json::Value = serde_json::from_str(herald::schemas::contract("NotificationRequested").unwrap().text).unwrap();
     v["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "tenant", "type": "string", "doc": "no default"}));
-    let err = herald::schemas::register_text(&c.registry, &format!("{topic}-value"), &v.to_string())
-        .await
-        .unwrap_err();
+    let err = herald::schemas::register_text(&c.registry, &format!("{topic}-value"), &v.to_string()).await.unwrap_err();
     assert!(matches!(err, herald::schemas::SchemaError::Incompatible { .. }), "{err}");
 }
 
@@ -456,11 +475,8 @@ fn the_binary_reports_a_wrong_kafka_port_within_seconds() {
 
 #[test]
 fn a_config_typo_is_named_not_ignored() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["config"])
-        .env("HERALD__STORE__CONTACT_POINT", "x:9042")
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(["config"]).env("HERALD__STORE__CONTACT_POINT", "x:9042").output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("contact_point"), "{stderr}");
@@ -492,7 +508,12 @@ async fn a_pipelined_stage_whose_transaction_aborts_reads_the_batch_in_flight_ag
             };
             let mut outputs: Vec<Output> = ids
                 .iter()
-                .map(|id| Output { topic: self.out.clone(), key: Some(id.clone().into_bytes()), payload: Some(id.clone().into_bytes()), ..Default::default() })
+                .map(|id| Output {
+                    topic: self.out.clone(),
+                    key: Some(id.clone().into_bytes()),
+                    payload: Some(id.clone().into_bytes()),
+                    ..Default::default()
+                })
                 .collect();
             match call {
                 // The first batch's transaction cannot commit: partition 99 does not exist.

@@ -88,11 +88,16 @@ async fn router_paths() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
-        let ok = text.contains(r#"herald_outcomes_total{channel="email",provider="-",outcome="routed"}"#) && text.contains("herald_consumer_lag{role=\"router\"");
+        let ok = text.contains(r#"herald_outcomes_total{channel="email",provider="-",outcome="routed"}"#)
+            && text.contains("herald_consumer_lag{role=\"router\"");
         if ok {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "metrics missing:\n{text}\n{}", env.log("router").lines().filter(|l| l.contains("stats")).take(6).collect::<Vec<_>>().join("\n"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics missing:\n{text}\n{}",
+            env.log("router").lines().filter(|l| l.contains("stats")).take(6).collect::<Vec<_>>().join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -259,11 +264,7 @@ async fn unknown_user_no_address_and_opted_out(env: &Env) {
     let os = env.wait_outcomes(&req.event_id, WAIT, |os: &[herald::model::DeliveryOutcome]| os.len() >= 3).await;
     assert_eq!(
         statuses(&os),
-        vec![
-            ("no_address".into(), Some("push".into())),
-            ("no_address".into(), Some("sms".into())),
-            ("opted_out".into(), Some("email".into())),
-        ]
+        vec![("no_address".into(), Some("push".into())), ("no_address".into(), Some("sms".into())), ("opted_out".into(), Some("email".into())),]
     );
     assert!(env.deliveries(&req.event_id).is_empty());
 
@@ -421,7 +422,11 @@ async fn contact_changes_reach_the_cache(env: &Env) {
 async fn wait_dlq(env: &Env, pred: impl Fn(&HashMap<String, String>) -> bool) {
     let deadline = std::time::Instant::now() + WAIT;
     while !env.dead_letters().iter().any(|(_, _, h)| pred(h)) {
-        assert!(std::time::Instant::now() < deadline, "no matching DLQ record; have {:?}", env.dead_letters().iter().map(|d| &d.2).collect::<Vec<_>>());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no matching DLQ record; have {:?}",
+            env.dead_letters().iter().map(|d| &d.2).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -450,7 +455,11 @@ async fn quiet_hours_hold_then_release() {
     // Released after the window (the hold is at second precision; allow for the 0.5 s poll).
     let os = env.wait_outcomes(&req.event_id, Duration::from_secs(120), has("routed", Some("email"))).await;
     let routed = os.iter().find(|o| o.status == "routed").unwrap();
-    assert!(routed.occurred_at >= end_at.timestamp_millis() - 1_000, "released {} ms before the window ended", end_at.timestamp_millis() - routed.occurred_at);
+    assert!(
+        routed.occurred_at >= end_at.timestamp_millis() - 1_000,
+        "released {} ms before the window ended",
+        end_at.timestamp_millis() - routed.occurred_at
+    );
     assert_eq!(env.wait_deliveries(&req.event_id, 1, WAIT).await.len(), 1);
 }
 
@@ -513,7 +522,11 @@ async fn replicas_joining_and_leaving_mid_stream_keep_outputs_exactly_once() {
             async move {
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 while !env.log("router-c").contains(what) {
-                    assert!(std::time::Instant::now() < deadline, "the third replica never logged '{what}':\n{}", common::env::tail(&env.log("router-c"), 20));
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the third replica never logged '{what}':\n{}",
+                        common::env::tail(&env.log("router-c"), 20)
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -598,7 +611,12 @@ async fn owned_throttle_state_is_held_in_memory_and_read_again_after_a_rebalance
     env.spawn_env("router-b", &["router"], &[("HERALD__ROUTER__INSTANCE_ID", "b")]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !(env.log("router-b").contains("partitions assigned") && env.log("router").contains("throttle cache emptied")) {
-        assert!(std::time::Instant::now() < deadline, "no rebalance seen:\n{}\n{}", common::env::tail(&env.log("router"), 10), common::env::tail(&env.log("router-b"), 10));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rebalance seen:\n{}\n{}",
+            common::env::tail(&env.log("router"), 10),
+            common::env::tail(&env.log("router-b"), 10)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // `kept`'s two hits are in CQL: its third is throttled by whichever replica owns it now.

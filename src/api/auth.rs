@@ -117,9 +117,8 @@ pub fn parse_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Signed
     let timestamp: i64 = ts.parse().map_err(|_| AuthError::Malformed)?;
     let sig_ok = sig.len() == 64 && sig.bytes().all(|b| b.is_ascii_hexdigit());
     let nonce = get(HEADER_NONCE).map(str::to_string);
-    let nonce_ok = nonce
-        .as_deref()
-        .is_none_or(|n| (8..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    let nonce_ok =
+        nonce.as_deref().is_none_or(|n| (8..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
     if !key_ok || !sig_ok || !nonce_ok || ts.starts_with('+') {
         return Err(AuthError::Malformed);
     }
@@ -154,14 +153,8 @@ fn encode(s: &str) -> String {
 
 /// The string an app signs.
 pub fn string_to_sign(method: &str, path: &str, query: Option<&str>, timestamp: i64, nonce: Option<&str>, body: &[u8]) -> String {
-    let mut s = format!(
-        "{}\n{}\n{}\n{}\n{}",
-        method.to_ascii_uppercase(),
-        path,
-        canonical_query(query),
-        timestamp,
-        hex::encode(Sha256::digest(body))
-    );
+    let mut s =
+        format!("{}\n{}\n{}\n{}\n{}", method.to_ascii_uppercase(), path, canonical_query(query), timestamp, hex::encode(Sha256::digest(body)));
     if let Some(n) = nonce {
         s.push('\n');
         s.push_str(n);
@@ -208,11 +201,8 @@ pub fn sign_request(
         None => (path_and_query, None),
     };
     let sts = string_to_sign(method, path, query, timestamp, nonce, body);
-    let mut headers = vec![
-        (HEADER_KEY, key.to_string()),
-        (HEADER_TIMESTAMP, timestamp.to_string()),
-        (HEADER_SIGNATURE, signature(secret.as_bytes(), &sts)),
-    ];
+    let mut headers =
+        vec![(HEADER_KEY, key.to_string()), (HEADER_TIMESTAMP, timestamp.to_string()), (HEADER_SIGNATURE, signature(secret.as_bytes(), &sts))];
     if let Some(n) = nonce {
         headers.push((HEADER_NONCE, n.to_string()));
     }
@@ -346,7 +336,9 @@ mod tests {
         let ok = sign_request("hk_1", "s", "GET", "/v1/x", b"", 5, None);
         assert!(parse_headers(headers(&ok)).is_ok());
         assert_eq!(parse_headers(|_| None), Err(AuthError::Missing));
-        for (name, bad) in [(HEADER_TIMESTAMP, "soon"), (HEADER_TIMESTAMP, "+5"), (HEADER_SIGNATURE, "abc"), (HEADER_KEY, "k\u{e9}y"), (HEADER_NONCE, "short")] {
+        for (name, bad) in
+            [(HEADER_TIMESTAMP, "soon"), (HEADER_TIMESTAMP, "+5"), (HEADER_SIGNATURE, "abc"), (HEADER_KEY, "k\u{e9}y"), (HEADER_NONCE, "short")]
+        {
             let mut h = ok.clone();
             h.retain(|(n, _)| *n != name);
             h.push((name, bad.to_string()));

@@ -123,7 +123,10 @@ mod tests {
     }
 
     /// A loader that reads `store` after `delay`, like a store read that is slow.
-    fn slow_read(store: Arc<AtomicU32>, delay: Duration) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<u32, StoreError>> + Send>> + Send + Sync + 'static {
+    fn slow_read(
+        store: Arc<AtomicU32>,
+        delay: Duration,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<u32, StoreError>> + Send>> + Send + Sync + 'static {
         move || {
             let store = store.clone();
             Box::pin(async move {

@@ -199,9 +199,7 @@ impl ApiConfig {
     /// # Errors
     /// A message naming the setting when it is not 32 bytes of standard base64.
     pub fn encryption_key_bytes(&self) -> Result<[u8; 32], String> {
-        let raw = B64
-            .decode(self.encryption_key.expose().trim())
-            .map_err(|_| "api.encryption_key must be standard base64".to_string())?;
+        let raw = B64.decode(self.encryption_key.expose().trim()).map_err(|_| "api.encryption_key must be standard base64".to_string())?;
         raw.try_into().map_err(|_| "api.encryption_key must decode to exactly 32 bytes".to_string())
     }
 

@@ -123,7 +123,14 @@ async fn register_device(st: &ApiState, user_id: &str, d: &DeviceInput) -> Resul
         }
     }
     st.store
-        .put_device(&Device { user_id: user_id.to_string(), device_id: id.clone(), platform: d.platform.clone(), token: d.token.clone(), app_id: d.app_id.clone(), active: true })
+        .put_device(&Device {
+            user_id: user_id.to_string(),
+            device_id: id.clone(),
+            platform: d.platform.clone(),
+            token: d.token.clone(),
+            app_id: d.app_id.clone(),
+            active: true,
+        })
         .await?;
     Ok(id)
 }
@@ -150,7 +157,13 @@ fn user_json(u: &User) -> serde_json::Value {
 }
 
 /// `PUT /v1/users/{id}`.
-pub async fn put_user(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn put_user(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Contacts)?;
     let input: UserInput = parse_json(&headers, &body)?;
     let mut errs = Vec::new();
@@ -164,7 +177,11 @@ pub async fn put_user(State(st): State<Arc<ApiState>>, Extension(caller): Extens
 }
 
 /// `GET /v1/users/{id}`: the contact record with its devices.
-pub async fn get_user(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn get_user(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Contacts)?;
     let user = st.store.user(&user_id).await?.ok_or_else(|| ApiError::not_found("user"))?;
     let devices = st.store.devices(&user_id).await?;
@@ -177,7 +194,11 @@ pub async fn get_user(State(st): State<Arc<ApiState>>, Extension(caller): Extens
 }
 
 /// `DELETE /v1/users/{id}`: the user, their devices and preferences.
-pub async fn delete_user(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn delete_user(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Contacts)?;
     if st.store.user(&user_id).await?.is_none() {
         return Err(ApiError::not_found("user"));
@@ -188,7 +209,13 @@ pub async fn delete_user(State(st): State<Arc<ApiState>>, Extension(caller): Ext
 }
 
 /// `POST /v1/users/{id}/devices`.
-pub async fn add_device(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn add_device(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Contacts)?;
     let input: DeviceInput = parse_json(&headers, &body)?;
     let mut errs = Vec::new();
@@ -202,7 +229,11 @@ pub async fn add_device(State(st): State<Arc<ApiState>>, Extension(caller): Exte
 }
 
 /// `DELETE /v1/users/{id}/devices/{device_id}`.
-pub async fn delete_device(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path((user_id, device_id)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn delete_device(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path((user_id, device_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Contacts)?;
     let devices = st.store.devices(&user_id).await?;
     let d = devices.iter().find(|d| d.device_id == device_id).ok_or_else(|| ApiError::not_found("device"))?;
@@ -212,7 +243,11 @@ pub async fn delete_device(State(st): State<Arc<ApiState>>, Extension(caller): E
 }
 
 /// `GET /v1/users/{id}/preferences`: the stored choices (absent = the category's default).
-pub async fn get_preferences(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn get_preferences(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Contacts)?;
     let prefs = st.store.preferences(&user_id).await?;
     let list: Vec<_> = prefs.iter().map(|p| json!({ "channel": p.channel, "category": p.category, "opt_in": p.opt_in })).collect();
@@ -220,7 +255,13 @@ pub async fn get_preferences(State(st): State<Arc<ApiState>>, Extension(caller):
 }
 
 /// `PUT /v1/users/{id}/preferences`.
-pub async fn put_preferences(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(user_id): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn put_preferences(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Contacts)?;
     let input: PreferencesInput = parse_json(&headers, &body)?;
     let mut errs = Vec::new();
@@ -233,9 +274,10 @@ pub async fn put_preferences(State(st): State<Arc<ApiState>>, Extension(caller):
         }
         match st.categories.get(&p.category) {
             None => errs.push(FieldError::new(format!("preferences[{i}].category"), "is not a known category")),
-            Some(c) if !p.opt_in && !c.opt_out_allowed => {
-                errs.push(FieldError::new(format!("preferences[{i}].opt_in"), format!("category '{}' cannot be opted out of (its notifications are always sent)", p.category)))
-            }
+            Some(c) if !p.opt_in && !c.opt_out_allowed => errs.push(FieldError::new(
+                format!("preferences[{i}].opt_in"),
+                format!("category '{}' cannot be opted out of (its notifications are always sent)", p.category),
+            )),
             Some(_) => {}
         }
     }
@@ -243,7 +285,9 @@ pub async fn put_preferences(State(st): State<Arc<ApiState>>, Extension(caller):
         return Err(ApiError::invalid(errs));
     }
     for p in &input.preferences {
-        st.store.put_preference(&Preference { user_id: user_id.clone(), channel: p.channel.clone(), category: p.category.clone(), opt_in: p.opt_in }).await?;
+        st.store
+            .put_preference(&Preference { user_id: user_id.clone(), channel: p.channel.clone(), category: p.category.clone(), opt_in: p.opt_in })
+            .await?;
     }
     st.publish_change("preferences", &user_id).await?;
     get_preferences(State(st), Extension(caller), Path(user_id)).await
@@ -256,10 +300,25 @@ mod tests {
     #[test]
     fn users_are_validated_and_normalised() {
         let mut errs = Vec::new();
-        let u = check_user("u1", &UserInput { email: Some(" a@example.com ".into()), phone: Some("+49 151 12345678".into()), locale: Some("de-DE".into()), timezone: Some("Europe/Berlin".into()) }, "", &mut errs);
+        let u = check_user(
+            "u1",
+            &UserInput {
+                email: Some(" a@example.com ".into()),
+                phone: Some("+49 151 12345678".into()),
+                locale: Some("de-DE".into()),
+                timezone: Some("Europe/Berlin".into()),
+            },
+            "",
+            &mut errs,
+        );
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!((u.email.as_deref(), u.phone.as_deref()), (Some("a@example.com"), Some("+4915112345678")));
-        check_user("u1", &UserInput { email: Some("nope".into()), phone: Some("0151".into()), timezone: Some("X".into()), ..Default::default() }, "contact.", &mut errs);
+        check_user(
+            "u1",
+            &UserInput { email: Some("nope".into()), phone: Some("0151".into()), timezone: Some("X".into()), ..Default::default() },
+            "contact.",
+            &mut errs,
+        );
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["contact.email", "contact.phone", "contact.timezone"]);
     }

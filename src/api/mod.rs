@@ -104,7 +104,11 @@ impl ApiState {
         let cfg = config.api.clone();
         let key = cfg.encryption_key_bytes().map_err(anyhow::Error::msg)?;
         let store = Arc::new(Store::open_waiting(&config.store, "api", shutdown).await.context("opening the store (did `herald setup` run?)")?);
-        let api_store = Arc::new(ApiStore::prepare(store.session.clone(), &config.store.keyspace).await.context("preparing the API's statements (did `herald setup` run every migration?)")?);
+        let api_store = Arc::new(
+            ApiStore::prepare(store.session.clone(), &config.store.keyspace)
+                .await
+                .context("preparing the API's statements (did `herald setup` run every migration?)")?,
+        );
         let producer = crate::kafka::client_config(&config.kafka, "api")
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -253,7 +257,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
     mount(Router::new(), public_endpoints())
         .merge(signed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+        })
         .layer(axum::middleware::from_fn_with_state(state.clone(), read_body))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(observe))
@@ -336,7 +342,11 @@ async fn read_body(State(st): State<Arc<ApiState>>, req: Request, next: Next) ->
     let cfg = &st.cfg;
     let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if target > cfg.max_uri_bytes {
-        return Err(ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", format!("the request target is longer than {} bytes", cfg.max_uri_bytes)));
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is longer than {} bytes", cfg.max_uri_bytes),
+        ));
     }
     let head: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
     if head > cfg.max_header_bytes || req.headers().len() > cfg.max_headers {
@@ -353,8 +363,13 @@ async fn read_body(State(st): State<Arc<ApiState>>, req: Request, next: Next) ->
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => {
             let inner = e.into_inner();
-            let over = std::iter::successors(Some(&*inner as &(dyn std::error::Error + 'static)), |e| e.source()).any(|e| e.is::<http_body_util::LengthLimitError>());
-            return Err(if over { ApiError::too_large(limit) } else { ApiError::new(StatusCode::BAD_REQUEST, "unreadable_body", "the request body could not be read") });
+            let over = std::iter::successors(Some(&*inner as &(dyn std::error::Error + 'static)), |e| e.source())
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            return Err(if over {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "unreadable_body", "the request body could not be read")
+            });
         }
         Err(_) => {
             let msg = format!("the request body did not arrive within {}", crate::config::duration::format(&cfg.body_read_timeout));
@@ -511,7 +526,11 @@ pub fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Resu
     }
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()),
-        _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("request body is not valid JSON (line {}, column {})", e.line(), e.column())),
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("request body is not valid JSON (line {}, column {})", e.line(), e.column()),
+        ),
     })
 }
 
@@ -534,9 +553,13 @@ async fn readyz(State(st): State<Arc<ApiState>>) -> Response {
             .and_then(|r| r.map_err(|e| e.to_string()))
         }
     };
-    let store = async { tokio::time::timeout(within, st.api_store.ping()).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) };
+    let store =
+        async { tokio::time::timeout(within, st.api_store.ping()).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) };
     let registry = async {
-        tokio::time::timeout(within, crate::schemas::ping(&st.registry)).await.map_err(|e| e.to_string()).and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        tokio::time::timeout(within, crate::schemas::ping(&st.registry))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
     };
     let (k, s, r) = tokio::join!(kafka, store, registry);
     let mut ok = true;

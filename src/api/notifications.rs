@@ -148,7 +148,11 @@ async fn check(st: &ApiState, caller: &Caller, d: &Draft<'_>, errs: &mut Vec<Fie
     if let Some(l) = d.locale {
         validate::locale(&f("locale"), l).err().into_iter().for_each(|e| errs.push(e));
     }
-    let limits = validate::ParamLimits { max_params: st.cfg.max_params, max_value_bytes: st.cfg.max_param_bytes, max_total_bytes: st.cfg.max_params_total_bytes };
+    let limits = validate::ParamLimits {
+        max_params: st.cfg.max_params,
+        max_value_bytes: st.cfg.max_param_bytes,
+        max_total_bytes: st.cfg.max_params_total_bytes,
+    };
     if let Err(e) = validate::params(&f("params"), &d.params, limits) {
         errs.push(e);
     }
@@ -191,8 +195,12 @@ async fn check(st: &ApiState, caller: &Caller, d: &Draft<'_>, errs: &mut Vec<Fie
     match check_params(t, &channels, &d.params) {
         Ok(()) => {}
         Err(ParamProblem::Missing(names)) => {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_params", format!("{}template '{}' needs params: {}", d.prefix, d.template_id, names.join(", ")))
-                .with_details(json!({ "missing": names, "at": d.prefix.trim_end_matches('.') })));
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_params",
+                format!("{}template '{}' needs params: {}", d.prefix, d.template_id, names.join(", ")),
+            )
+            .with_details(json!({ "missing": names, "at": d.prefix.trim_end_matches('.') })));
         }
         Err(ParamProblem::NoContent(ch)) => {
             errs.push(FieldError::new(f("channels"), format!("template has no content for channel '{ch}'")));
@@ -275,7 +283,12 @@ pub async fn produce(st: &ApiState, req: &NotificationRequested) -> Result<(), A
 }
 
 /// `POST /v1/notifications`.
-pub async fn send(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn send(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Send)?;
     let req: SendRequest = parse_json(&headers, &body)?;
     let idem = idempotency_key(&headers)?;
@@ -303,7 +316,8 @@ pub async fn send(State(st): State<Arc<ApiState>>, Extension(caller): Extension<
             caller.require(Scope::Contacts)?;
             let user = contacts::UserInput { email: c.email.clone(), phone: c.phone.clone(), locale: c.locale.clone(), timezone: c.timezone.clone() };
             let checked = contacts::check_user(&req.user_id, &user, "contact.", &mut errs);
-            let devices: Vec<_> = c.devices.iter().enumerate().filter_map(|(i, d)| contacts::check_device(d, &format!("contact.devices[{i}]."), &mut errs)).collect();
+            let devices: Vec<_> =
+                c.devices.iter().enumerate().filter_map(|(i, d)| contacts::check_device(d, &format!("contact.devices[{i}]."), &mut errs)).collect();
             Some((checked, devices))
         }
         None => None,
@@ -329,7 +343,12 @@ pub async fn send(State(st): State<Arc<ApiState>>, Extension(caller): Extension<
 
 /// `POST /v1/notifications/batch`: every recipient validated first (nothing is produced
 /// unless all are valid), then all produced concurrently; 202 after every ack.
-pub async fn send_batch(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn send_batch(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Send)?;
     let req: BatchRequest = parse_json(&headers, &body)?;
     if req.recipients.is_empty() || req.recipients.len() > st.cfg.max_batch {
@@ -392,12 +411,17 @@ pub async fn send_batch(State(st): State<Arc<ApiState>>, Extension(caller): Exte
 /// Whether `app` may read a notification whose log rows are `rows`: admin apps read every
 /// notification, other apps the ones they sent (the router records the request's source).
 fn may_read(app: &super::apps::App, rows: &[crate::store::LogEntry]) -> bool {
-    app.scopes.contains(&Scope::Admin) || rows.iter().find_map(|r| r.source.as_deref()).is_some_and(|s| s.strip_prefix("api:") == Some(app.key.as_str()))
+    app.scopes.contains(&Scope::Admin)
+        || rows.iter().find_map(|r| r.source.as_deref()).is_some_and(|s| s.strip_prefix("api:") == Some(app.key.as_str()))
 }
 
 /// `GET /v1/notifications/{event_id}`: every outcome recorded, oldest first. Another app's
 /// notification answers the same 404 as an unknown one (no hint that it exists).
-pub async fn log(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(event_id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn log(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(event_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Status)?;
     let rows = st.store.log(&event_id).await?;
     if rows.is_empty() || !may_read(&caller.0, &rows) {
@@ -430,7 +454,8 @@ mod tests {
 
     #[test]
     fn requests_parse_with_scalar_params_and_reject_unknown_fields() {
-        let r: SendRequest = serde_json::from_str(r#"{"user_id":"u","template_id":"t","params":{"a":"x","n":3,"b":true},"priority":"high"}"#).unwrap();
+        let r: SendRequest =
+            serde_json::from_str(r#"{"user_id":"u","template_id":"t","params":{"a":"x","n":3,"b":true},"priority":"high"}"#).unwrap();
         assert_eq!(r.params["n"], "3");
         assert_eq!(r.params["b"], "true");
         assert_eq!(r.priority, Some(Priority::High));

@@ -69,8 +69,10 @@ fn op(summary: &str, scope: Option<&str>, request: Option<&str>, params: &[&str]
         all.entry("422".to_string()).or_insert_with(|| err("422", "invalid_request (details.fields lists every problem)").1);
     }
     if !params.is_empty() {
-        all.entry("400".to_string()).or_insert_with(|| err("400", "bad_request: a path parameter is not valid UTF-8 (or malformed_json for a body)").1);
-        v["parameters"] = json!(params.iter().map(|p| json!({ "name": p, "in": "path", "required": true, "schema": { "type": "string" } })).collect::<Vec<_>>());
+        all.entry("400".to_string())
+            .or_insert_with(|| err("400", "bad_request: a path parameter is not valid UTF-8 (or malformed_json for a body)").1);
+        v["parameters"] =
+            json!(params.iter().map(|p| json!({ "name": p, "in": "path", "required": true, "schema": { "type": "string" } })).collect::<Vec<_>>());
     }
     v["responses"] = Value::Object(all);
     v
@@ -189,11 +191,41 @@ pub fn document() -> Value {
         paths.entry(path.to_string()).or_insert_with(|| json!({}))[method] = v;
     };
     add("/healthz", "get", op("Liveness", None, None, &[], vec![ok("200", "alive", Some("Health"))]));
-    add("/readyz", "get", op("Readiness: Kafka, the CQL store and the registry reachable", None, None, &[], vec![ok("200", "ready", Some("Health")), ok("503", "a dependency is down", Some("Health"))]));
+    add(
+        "/readyz",
+        "get",
+        op(
+            "Readiness: Kafka, the CQL store and the registry reachable",
+            None,
+            None,
+            &[],
+            vec![ok("200", "ready", Some("Health")), ok("503", "a dependency is down", Some("Health"))],
+        ),
+    );
     add("/metrics", "get", op("Prometheus metrics (text exposition)", None, None, &[], vec![ok("200", "metrics", None)]));
     add("/openapi.json", "get", op("This document", None, None, &[], vec![ok("200", "OpenAPI 3.1", None)]));
-    add("/t/o/{token}", "get", op("Open pixel: records `opened`, answers a 1x1 GIF", None, None, &["token"], vec![ok("200", "image/gif", None), err("404", "not_found: token does not verify")]));
-    add("/t/c/{token}", "get", op("Click: records `clicked`, redirects to the signed link", None, None, &["token"], vec![ok("302", "redirect to the link inside the token", None), err("404", "not_found")]));
+    add(
+        "/t/o/{token}",
+        "get",
+        op(
+            "Open pixel: records `opened`, answers a 1x1 GIF",
+            None,
+            None,
+            &["token"],
+            vec![ok("200", "image/gif", None), err("404", "not_found: token does not verify")],
+        ),
+    );
+    add(
+        "/t/c/{token}",
+        "get",
+        op(
+            "Click: records `clicked`, redirects to the signed link",
+            None,
+            None,
+            &["token"],
+            vec![ok("302", "redirect to the link inside the token", None), err("404", "not_found")],
+        ),
+    );
     let hook = |what: &str| {
         op(
             what,
@@ -235,36 +267,115 @@ pub fn document() -> Value {
     add(
         "/v1/notifications/batch",
         "post",
-        op("One template to many users", Some("send"), Some("BatchRequest"), &[], vec![ok("202", "accepted", Some("BatchAccepted")), err("409", "idempotency_conflict")]),
+        op(
+            "One template to many users",
+            Some("send"),
+            Some("BatchRequest"),
+            &[],
+            vec![ok("202", "accepted", Some("BatchAccepted")), err("409", "idempotency_conflict")],
+        ),
     );
-    add("/v1/notifications/{event_id}", "get", op("The notification's log (an app sees the notifications it sent; admin apps see all)", Some("status"), None, &["event_id"], vec![ok("200", "every outcome, oldest first", Some("NotificationLog")), err("404", "not_found")]));
-    add("/v1/users/{user_id}", "put", op("Create or replace a user's contact data", Some("contacts"), Some("UserInput"), &["user_id"], vec![ok("200", "stored", Some("User"))]));
-    add("/v1/users/{user_id}", "get", op("A user with devices", Some("contacts"), None, &["user_id"], vec![ok("200", "the user", Some("User")), err("404", "not_found")]));
-    add("/v1/users/{user_id}", "delete", op("Delete a user, devices and preferences", Some("contacts"), None, &["user_id"], vec![ok("204", "deleted", None), err("404", "not_found")]));
+    add(
+        "/v1/notifications/{event_id}",
+        "get",
+        op(
+            "The notification's log (an app sees the notifications it sent; admin apps see all)",
+            Some("status"),
+            None,
+            &["event_id"],
+            vec![ok("200", "every outcome, oldest first", Some("NotificationLog")), err("404", "not_found")],
+        ),
+    );
+    add(
+        "/v1/users/{user_id}",
+        "put",
+        op("Create or replace a user's contact data", Some("contacts"), Some("UserInput"), &["user_id"], vec![ok("200", "stored", Some("User"))]),
+    );
+    add(
+        "/v1/users/{user_id}",
+        "get",
+        op("A user with devices", Some("contacts"), None, &["user_id"], vec![ok("200", "the user", Some("User")), err("404", "not_found")]),
+    );
+    add(
+        "/v1/users/{user_id}",
+        "delete",
+        op("Delete a user, devices and preferences", Some("contacts"), None, &["user_id"], vec![ok("204", "deleted", None), err("404", "not_found")]),
+    );
     add(
         "/v1/users/{user_id}/devices",
         "post",
-        op("Register a push token (moves it from a previous owner)", Some("contacts"), Some("Device"), &["user_id"], vec![ok("201", "registered", Some("DeviceCreated")), err("404", "not_found")]),
+        op(
+            "Register a push token (moves it from a previous owner)",
+            Some("contacts"),
+            Some("Device"),
+            &["user_id"],
+            vec![ok("201", "registered", Some("DeviceCreated")), err("404", "not_found")],
+        ),
     );
-    add("/v1/users/{user_id}/devices/{device_id}", "delete", op("Remove a device", Some("contacts"), None, &["user_id", "device_id"], vec![ok("204", "removed", None), err("404", "not_found")]));
-    add("/v1/users/{user_id}/preferences", "get", op("Opt-in choices (channel x category)", Some("contacts"), None, &["user_id"], vec![ok("200", "stored choices", Some("Preferences"))]));
-    add("/v1/users/{user_id}/preferences", "put", op("Upsert opt-in choices", Some("contacts"), Some("PreferencesInput"), &["user_id"], vec![ok("200", "stored choices", Some("Preferences"))]));
+    add(
+        "/v1/users/{user_id}/devices/{device_id}",
+        "delete",
+        op("Remove a device", Some("contacts"), None, &["user_id", "device_id"], vec![ok("204", "removed", None), err("404", "not_found")]),
+    );
+    add(
+        "/v1/users/{user_id}/preferences",
+        "get",
+        op("Opt-in choices (channel x category)", Some("contacts"), None, &["user_id"], vec![ok("200", "stored choices", Some("Preferences"))]),
+    );
+    add(
+        "/v1/users/{user_id}/preferences",
+        "put",
+        op("Upsert opt-in choices", Some("contacts"), Some("PreferencesInput"), &["user_id"], vec![ok("200", "stored choices", Some("Preferences"))]),
+    );
     add("/v1/templates", "get", op("List templates", Some("templates"), None, &[], vec![ok("200", "templates", Some("TemplateList"))]));
     add(
         "/v1/templates",
         "post",
-        op("Create a template (version 1); refused unless every content renders with sample_params", Some("templates"), Some("TemplateInput"), &[], vec![ok("201", "created", Some("TemplateCreated")), err("409", "template_exists"), err("422", "invalid_request, template_invalid")]),
+        op(
+            "Create a template (version 1); refused unless every content renders with sample_params",
+            Some("templates"),
+            Some("TemplateInput"),
+            &[],
+            vec![ok("201", "created", Some("TemplateCreated")), err("409", "template_exists"), err("422", "invalid_request, template_invalid")],
+        ),
     );
-    add("/v1/templates/{template_id}", "get", op("A template: metadata, versions, live contents", Some("templates"), None, &["template_id"], vec![ok("200", "the template", Some("TemplateMeta")), err("404", "not_found")]));
+    add(
+        "/v1/templates/{template_id}",
+        "get",
+        op(
+            "A template: metadata, versions, live contents",
+            Some("templates"),
+            None,
+            &["template_id"],
+            vec![ok("200", "the template", Some("TemplateMeta")), err("404", "not_found")],
+        ),
+    );
     add(
         "/v1/templates/{template_id}/versions",
         "post",
-        op("Publish a new version", Some("templates"), Some("TemplateInput"), &["template_id"], vec![ok("201", "published", Some("TemplateCreated")), err("404", "not_found"), err("409", "version_conflict"), err("422", "template_invalid")]),
+        op(
+            "Publish a new version",
+            Some("templates"),
+            Some("TemplateInput"),
+            &["template_id"],
+            vec![
+                ok("201", "published", Some("TemplateCreated")),
+                err("404", "not_found"),
+                err("409", "version_conflict"),
+                err("422", "template_invalid"),
+            ],
+        ),
     );
     add(
         "/v1/templates/{template_id}/preview",
         "post",
-        op("Render against sample params (overridable) per channel and locale", Some("templates"), Some("PreviewInput"), &["template_id"], vec![ok("200", "renders", Some("Preview")), err("404", "not_found")]),
+        op(
+            "Render against sample params (overridable) per channel and locale",
+            Some("templates"),
+            Some("PreviewInput"),
+            &["template_id"],
+            vec![ok("200", "renders", Some("Preview")), err("404", "not_found")],
+        ),
     );
     json!({
         "openapi": "3.1.0",
@@ -284,7 +395,8 @@ pub fn document() -> Value {
 
 /// The property names a response schema declares (following one `$ref`).
 pub fn response_properties(doc: &Value, path: &str, method: &str, status: &str) -> Option<Vec<String>> {
-    let schema = doc.pointer(&format!("/paths/{}/{method}/responses/{status}/content/application~1json/schema", path.replace('~', "~0").replace('/', "~1")))?;
+    let schema =
+        doc.pointer(&format!("/paths/{}/{method}/responses/{status}/content/application~1json/schema", path.replace('~', "~0").replace('/', "~1")))?;
     let schema = match schema.get("$ref").and_then(Value::as_str) {
         Some(r) => doc.pointer(r.trim_start_matches('#'))?,
         None => schema,
@@ -331,7 +443,8 @@ mod tests {
         for (path, ops) in doc["paths"].as_object().unwrap() {
             let wanted: BTreeSet<&str> = path.split('/').filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}'))).collect();
             for (m, op) in ops.as_object().unwrap() {
-                let declared: BTreeSet<&str> = op["parameters"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
+                let declared: BTreeSet<&str> =
+                    op["parameters"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
                 assert_eq!(declared, wanted, "{m} {path}");
             }
         }
@@ -383,7 +496,8 @@ mod tests {
             let props: BTreeSet<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
             let given: BTreeSet<String> = example.as_object().unwrap().keys().cloned().collect();
             assert_eq!(props, given, "{name}: the example must show every documented property");
-            let required: BTreeSet<String> = schema["required"].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default();
+            let required: BTreeSet<String> =
+                schema["required"].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default();
             for p in &props {
                 let mut without = example.clone();
                 without.as_object_mut().unwrap().remove(p);

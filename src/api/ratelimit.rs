@@ -23,7 +23,12 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `rate` 0 = unlimited; this process admits `1/replicas` of every app's rate and burst.
     pub fn new(rate: u32, burst: u32, replicas: u32) -> RateLimiter {
-        RateLimiter { default_rate: rate, default_burst: burst.max(rate).max(1), replicas: f64::from(replicas.max(1)), buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            default_rate: rate,
+            default_burst: burst.max(rate).max(1),
+            replicas: f64::from(replicas.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Takes one token for `key` (at the app's own `rate` when it has one); `Err(wait)`

@@ -48,12 +48,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_head_bytes)
-        .max_headers(1000);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(limits.max_head_bytes).max_headers(1000);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30))).keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let (full, accept_errors) = (Throttle::new(), Throttle::new());
@@ -62,7 +57,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
             Ok(p) => p,
             Err(_) => {
                 if full.allow().is_some() {
-                    tracing::warn!(max_connections = limits.max_connections, "api.max_connections reached; new connections wait in the listen backlog");
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "api.max_connections reached; new connections wait in the listen backlog"
+                    );
                 }
                 events::api_connections_full();
                 tokio::select! {

@@ -47,7 +47,8 @@ pub struct IdempotencyRow {
     pub event_ids: Vec<String>,
 }
 
-const APP_COLUMNS: &str = "app_key, name, secret_enc, previous_secret_enc, previous_valid_until, scopes, categories, rate_limit, created_at, rotated_at, revoked_at";
+const APP_COLUMNS: &str =
+    "app_key, name, secret_enc, previous_secret_enc, previous_valid_until, scopes, categories, rate_limit, created_at, rotated_at, revoked_at";
 
 pub struct ApiStore {
     session: Arc<Session>,
@@ -146,7 +147,13 @@ impl ApiStore {
         self.rows(&self.list_apps, (), "list apps").await
     }
 
-    pub async fn rotate_app(&self, key: &str, secret_enc: &str, previous_enc: Option<&str>, previous_valid_until: DateTime<Utc>) -> Result<(), StoreError> {
+    pub async fn rotate_app(
+        &self,
+        key: &str,
+        secret_enc: &str,
+        previous_enc: Option<&str>,
+        previous_valid_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(&self.rotate_app, (secret_enc, previous_enc, previous_valid_until, Utc::now(), key))
             .await
@@ -216,7 +223,11 @@ impl ApiStore {
 
     /// Claims `version` of a template; `false` when someone else has it.
     pub async fn claim_version(&self, template_id: &str, version: i32, by: &str) -> Result<bool, StoreError> {
-        let r = self.session.execute_unpaged(&self.claim_version, (template_id, version, by)).await.map_err(|e| query_err("claim template version", e))?;
+        let r = self
+            .session
+            .execute_unpaged(&self.claim_version, (template_id, version, by))
+            .await
+            .map_err(|e| query_err("claim template version", e))?;
         lwt_applied(r, "claim template version")
     }
 
@@ -245,7 +256,10 @@ impl ApiStore {
     pub async fn create_template(&self, t: &Template) -> Result<bool, StoreError> {
         let r = self
             .session
-            .execute_unpaged(&self.create_template, (&t.template_id, &t.category, t.current_version, &t.default_channels, t.tracking, &t.sample_params))
+            .execute_unpaged(
+                &self.create_template,
+                (&t.template_id, &t.category, t.current_version, &t.default_channels, t.tracking, &t.sample_params),
+            )
             .await
             .map_err(|e| query_err("create template", e))?;
         lwt_applied(r, "create template")

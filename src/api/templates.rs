@@ -159,7 +159,13 @@ pub struct ContentInput {
 }
 
 /// Validates `input` merged over `base` (for versions) and builds the rows of `version`.
-fn build(st: &ApiState, template_id: &str, input: &TemplateInput, base: Option<&Template>, version: i32) -> Result<(Template, Vec<TemplateContent>), ApiError> {
+fn build(
+    st: &ApiState,
+    template_id: &str,
+    input: &TemplateInput,
+    base: Option<&Template>,
+    version: i32,
+) -> Result<(Template, Vec<TemplateContent>), ApiError> {
     let mut errs = Vec::new();
     let category = input.category.clone().or_else(|| base.map(|b| b.category.clone())).unwrap_or_default();
     if category.is_empty() {
@@ -197,7 +203,11 @@ fn build(st: &ApiState, template_id: &str, input: &TemplateInput, base: Option<&
         }
     }
     let sample_params = input.sample_params.clone().or_else(|| base.map(|b| b.sample_params.clone())).unwrap_or_default();
-    let limits = validate::ParamLimits { max_params: st.cfg.max_params, max_value_bytes: st.cfg.max_param_bytes, max_total_bytes: st.cfg.max_params_total_bytes };
+    let limits = validate::ParamLimits {
+        max_params: st.cfg.max_params,
+        max_value_bytes: st.cfg.max_param_bytes,
+        max_total_bytes: st.cfg.max_params_total_bytes,
+    };
     if let Err(e) = validate::params("sample_params", &sample_params, limits) {
         errs.push(e);
     }
@@ -245,7 +255,12 @@ async fn write_contents(st: &ApiState, contents: &[TemplateContent]) -> Result<(
 }
 
 /// `POST /v1/templates`: version 1 of a new template.
-pub async fn create(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let app = caller.require(Scope::Templates)?;
     let input: TemplateInput = parse_json(&headers, &body)?;
     let id = input.template_id.clone().unwrap_or_default();
@@ -331,7 +346,11 @@ pub async fn list(State(st): State<Arc<ApiState>>, Extension(caller): Extension<
 }
 
 /// `GET /v1/templates/{id}`: metadata, versions, the live version's contents.
-pub async fn get(State(st): State<Arc<ApiState>>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn get(
+    State(st): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Scope::Templates)?;
     let meta = st.store.template(&id).await?.ok_or_else(|| ApiError::not_found("template"))?;
     let contents = st.store.template_contents(&id, meta.current_version).await?;
@@ -372,12 +391,15 @@ pub async fn preview(
     if contents.is_empty() {
         return Err(ApiError::not_found("template version"));
     }
-    let compiled = CompiledTemplate::compile(&meta, &contents).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "template_invalid", e.to_string()))?;
+    let compiled = CompiledTemplate::compile(&meta, &contents)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "template_invalid", e.to_string()))?;
     let mut params = meta.sample_params.clone();
     params.extend(input.params);
     let mut previews = Vec::new();
     for c in &contents {
-        if input.channels.as_ref().is_some_and(|f| !f.contains(&c.channel)) || input.locales.as_ref().is_some_and(|f| !f.iter().any(|l| l.eq_ignore_ascii_case(&c.locale))) {
+        if input.channels.as_ref().is_some_and(|f| !f.contains(&c.channel))
+            || input.locales.as_ref().is_some_and(|f| !f.iter().any(|l| l.eq_ignore_ascii_case(&c.locale)))
+        {
             continue;
         }
         match compiled.render(&c.channel, &[c.locale.as_str()], &params, &NO_TRACKING) {
@@ -424,10 +446,7 @@ mod tests {
         let p = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
         assert_eq!(check_params(&t, &["sms".into()], &p(&[])), Err(ParamProblem::Missing(vec!["a".into(), "b".into(), "c".into()])));
         assert_eq!(check_params(&t, &["sms".into()], &p(&[("a", "1"), ("b", "2"), ("c", "3")])), Ok(()));
-        assert_eq!(
-            check_params(&t, &["email".into()], &p(&[])),
-            Err(ParamProblem::Missing(vec!["d".into(), "subject_param".into()]))
-        );
+        assert_eq!(check_params(&t, &["email".into()], &p(&[])), Err(ParamProblem::Missing(vec!["d".into(), "subject_param".into()])));
         assert_eq!(check_params(&t, &["push".into()], &p(&[])), Err(ParamProblem::NoContent("push".into())));
     }
 

@@ -21,7 +21,12 @@ impl FieldError {
 /// User ids, template ids: 1–128 printable characters, no `/`, `?`, `#`, `%` or whitespace.
 pub fn id(field: &str, v: &str) -> Result<(), FieldError> {
     let ok = (1..=128).contains(&v.chars().count()) && v.chars().all(|c| printable(c) && !c.is_whitespace() && !"/?#%".contains(c));
-    ok.then_some(()).ok_or_else(|| FieldError::new(field, "must be 1-128 printable characters without whitespace, '/', '?', '#' or '%' (no control, format or other invisible characters)"))
+    ok.then_some(()).ok_or_else(|| {
+        FieldError::new(
+            field,
+            "must be 1-128 printable characters without whitespace, '/', '?', '#' or '%' (no control, format or other invisible characters)",
+        )
+    })
 }
 
 /// Printable: not a control character, not a Unicode format character (category Cf: bidi
@@ -138,10 +143,7 @@ pub fn timezone(field: &str, v: &str) -> Result<(), FieldError> {
 
 /// Request channels.
 pub fn channel(field: &str, v: &str) -> Result<(), FieldError> {
-    crate::router::policy::CHANNELS
-        .contains(&v)
-        .then_some(())
-        .ok_or_else(|| FieldError::new(field, "must be push, sms or email"))
+    crate::router::policy::CHANNELS.contains(&v).then_some(()).ok_or_else(|| FieldError::new(field, "must be push, sms or email"))
 }
 
 /// Size limits of template params.
@@ -166,7 +168,10 @@ pub fn params(field: &str, p: &HashMap<String, String>, limits: ParamLimits) -> 
             return Err(FieldError::new(format!("{field}.{k}"), format!("is longer than {} bytes", limits.max_value_bytes)));
         }
         if let Some(c) = v.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
-            return Err(FieldError::new(format!("{field}.{k}"), format!("contains the control character U+{:04X} (only tab, CR and LF are allowed)", c as u32)));
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                format!("contains the control character U+{:04X} (only tab, CR and LF are allowed)", c as u32),
+            ));
         }
         total += k.len() + v.len();
     }
@@ -235,7 +240,20 @@ mod tests {
 
     #[test]
     fn ids_refuse_invisible_and_format_characters() {
-        for bad in ["user\u{202E}gnp.exe", "a\u{200D}b", "\u{2066}x", "x\u{FEFF}", "a\u{00AD}b", "a\u{200B}", "tag\u{E0041}", "a\u{FE0F}", "\u{3164}", "a\u{E000}", "a\u{0007}b", "a\u{0085}"] {
+        for bad in [
+            "user\u{202E}gnp.exe",
+            "a\u{200D}b",
+            "\u{2066}x",
+            "x\u{FEFF}",
+            "a\u{00AD}b",
+            "a\u{200B}",
+            "tag\u{E0041}",
+            "a\u{FE0F}",
+            "\u{3164}",
+            "a\u{E000}",
+            "a\u{0007}b",
+            "a\u{0085}",
+        ] {
             assert!(id("user_id", bad).is_err(), "{bad:?} accepted");
         }
         for good in ["jürgen", "用户-42", "user@example.com", "ñandú_1", "Ελένη", "rocket-🚀"] {

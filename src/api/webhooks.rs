@@ -177,7 +177,11 @@ fn off() -> ApiError {
 fn form_params(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "Content-Type must be application/x-www-form-urlencoded"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
     }
     Ok(url::form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
 }
@@ -207,7 +211,13 @@ async fn find(st: &ApiState, provider: &str, delivery_id: Option<&str>, message_
 
 /// Emits the outcomes not emitted before (by their ids: a provider's retry or a replayed
 /// body emits nothing twice), remembers them, applies unsubscribes, answers 200 with counts.
-async fn finish(st: &ApiState, provider: &'static str, received: usize, mut outcomes: Vec<DeliveryOutcome>, unmatched: usize) -> Result<Response, ApiError> {
+async fn finish(
+    st: &ApiState,
+    provider: &'static str,
+    received: usize,
+    mut outcomes: Vec<DeliveryOutcome>,
+    unmatched: usize,
+) -> Result<Response, ApiError> {
     for _ in 0..unmatched {
         events::webhook_unmatched(provider);
     }
@@ -227,11 +237,14 @@ async fn finish(st: &ApiState, provider: &'static str, received: usize, mut outc
     }
     for o in outcomes.iter().filter(|o| o.status == "unsubscribed") {
         if let (Some(user), Some(category)) = (&o.user_id, &o.category) {
-            st.store.put_preference(&Preference { user_id: user.clone(), channel: "email".into(), category: category.clone(), opt_in: false }).await?;
+            st.store
+                .put_preference(&Preference { user_id: user.clone(), channel: "email".into(), category: category.clone(), opt_in: false })
+                .await?;
             st.publish_change("preferences", user).await?;
         }
     }
-    Ok((StatusCode::OK, Json(json!({ "received": received, "recorded": outcomes.len(), "unmatched": unmatched, "duplicates": duplicates }))).into_response())
+    Ok((StatusCode::OK, Json(json!({ "received": received, "recorded": outcomes.len(), "unmatched": unmatched, "duplicates": duplicates })))
+        .into_response())
 }
 
 /// `POST /webhooks/twilio`: a status callback (form-encoded).
@@ -250,10 +263,17 @@ pub async fn twilio(State(st): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
     };
     let mut out = Vec::new();
     let mut unmatched = 0;
-    let delivery_id = uri.query().and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "delivery_id").map(|(_, v)| v.into_owned()));
+    let delivery_id =
+        uri.query().and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "delivery_id").map(|(_, v)| v.into_owned()));
     if let Some(s) = twilio_status(status) {
         match find(&st, "twilio", delivery_id.as_deref(), Some(sid)).await? {
-            Some(d) => out.extend(outcomes::outcome(&d, outcomes::outcome_id(&["twilio", sid, status]), s, Some("twilio"), param(&params, "ErrorCode").map(|c| format!("twilio error {c}")))),
+            Some(d) => out.extend(outcomes::outcome(
+                &d,
+                outcomes::outcome_id(&["twilio", sid, status]),
+                s,
+                Some("twilio"),
+                param(&params, "ErrorCode").map(|c| format!("twilio error {c}")),
+            )),
             None => unmatched += 1,
         }
     }
@@ -276,7 +296,8 @@ pub async fn sendgrid(State(st): State<Arc<ApiState>>, headers: HeaderMap, body:
     if !ts.parse::<i64>().is_ok_and(|t| fresh_webhook(&st, t)) {
         return Err(stale("sendgrid"));
     }
-    let events: Vec<Value> = serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "expected a JSON array of events"))?;
+    let events: Vec<Value> =
+        serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "expected a JSON array of events"))?;
     let mut out = Vec::new();
     let mut unmatched = 0;
     for e in &events {
@@ -316,7 +337,8 @@ pub async fn mandrill(State(st): State<Arc<ApiState>>, uri: Uri, headers: Header
         return Err(reject("mandrill", "mismatch"));
     }
     let raw = param(&params, "mandrill_events").unwrap_or("[]");
-    let events: Vec<Value> = serde_json::from_str(raw).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "mandrill_events is not a JSON array"))?;
+    let events: Vec<Value> =
+        serde_json::from_str(raw).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "mandrill_events is not a JSON array"))?;
     let mut out = Vec::new();
     let mut unmatched = 0;
     for e in &events {
@@ -330,7 +352,8 @@ pub async fn mandrill(State(st): State<Arc<ApiState>>, uri: Uri, headers: Header
         let ts = e.get("ts").map(Value::to_string).unwrap_or_default();
         let event = e.get("event").and_then(Value::as_str).unwrap_or("");
         let id = outcomes::outcome_id(&["mandrill", message_id.unwrap_or(""), event, &ts]);
-        let reason = e.pointer("/msg/bounce_description").and_then(Value::as_str).or_else(|| e.get("url").and_then(Value::as_str)).map(str::to_string);
+        let reason =
+            e.pointer("/msg/bounce_description").and_then(Value::as_str).or_else(|| e.get("url").and_then(Value::as_str)).map(str::to_string);
         out.extend(outcomes::outcome(&d, id, status, Some("mandrill"), reason));
     }
     finish(&st, "mandrill", events.len(), out, unmatched).await
@@ -346,7 +369,8 @@ pub async fn vonage(State(st): State<Arc<ApiState>>, uri: Uri, headers: HeaderMa
     let params: Vec<(String, String)> = if body.is_empty() {
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
     } else if ct.starts_with("application/json") {
-        let v: serde_json::Map<String, Value> = serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "expected a JSON object"))?;
+        let v: serde_json::Map<String, Value> =
+            serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "expected a JSON object"))?;
         v.into_iter()
             .filter_map(|(k, v)| match v {
                 Value::String(s) => Some((k, s)),
@@ -395,7 +419,8 @@ mod tests {
     /// The worked example from Twilio's security docs (auth token 12345).
     #[test]
     fn twilio_documented_example() {
-        let params = p(&[("CallSid", "CA1234567890ABCDE"), ("Caller", "+12349013030"), ("Digits", "1234"), ("From", "+12349013030"), ("To", "+18005551212")]);
+        let params =
+            p(&[("CallSid", "CA1234567890ABCDE"), ("Caller", "+12349013030"), ("Digits", "1234"), ("From", "+12349013030"), ("To", "+18005551212")]);
         let sig = url_params_signature(b"12345", "https://mycompany.com/myapp.php?foo=1&bar=2", &params);
         assert_eq!(sig, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=");
         // Order of the posted params does not matter; any change does.
@@ -435,12 +460,19 @@ mod tests {
     fn vonage_hmac_sorts_escapes_and_skips_sig() {
         let params = p(&[("status", "delivered"), ("messageId", "0A00"), ("timestamp", "1700000000"), ("text", "a&b=c"), ("sig", "X")]);
         let sig = vonage_signature(b"s3cret", "sha256", &params);
-        let expect = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap().chain_update(b"&messageId=0A00&status=delivered&text=a_b_c&timestamp=1700000000").finalize().into_bytes();
+        let expect = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret")
+            .unwrap()
+            .chain_update(b"&messageId=0A00&status=delivered&text=a_b_c&timestamp=1700000000")
+            .finalize()
+            .into_bytes();
         assert_eq!(sig, hex::encode_upper(expect));
         assert_eq!(vonage_signature(b"s3cret", "sha1", &params).len(), 40);
         assert_eq!(vonage_signature(b"s3cret", "sha512", &params).len(), 128);
         // Vonage's own SDK test vector for the MD5-hash method (signature secret "secret").
-        let sdk: Vec<(String, String)> = [("a", "1"), ("b", "2"), ("timestamp", "1461605396"), ("sig", "6af838ef94998832dbfc29020b564830")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let sdk: Vec<(String, String)> = [("a", "1"), ("b", "2"), ("timestamp", "1461605396"), ("sig", "6af838ef94998832dbfc29020b564830")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         assert_eq!(vonage_signature(b"secret", "md5hash", &sdk), "6AF838EF94998832DBFC29020B564830");
         let md5_hmac = Hmac::<md5::Md5>::new_from_slice(b"secret").unwrap().chain_update(b"&a=1&b=2&timestamp=1461605396").finalize().into_bytes();
         assert_eq!(vonage_signature(b"secret", "md5", &sdk), hex::encode_upper(md5_hmac));

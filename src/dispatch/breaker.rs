@@ -18,8 +18,12 @@ use crate::providers::Provider;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// Cool-down over; one probe is in flight and decides.
     HalfOpen,
 }
@@ -71,7 +75,9 @@ impl Breaker {
         let (next, changed) = match (*s, signal) {
             (_, Signal::Unhealthy) => (State::Open { until: now + self.unhealthy_for }, (!matches!(*s, State::Open { .. })).then_some("open")),
             (State::Closed { .. }, Signal::Healthy) => (State::Closed { failures: 0 }, None),
-            (State::Closed { failures }, Signal::Failing) if failures + 1 >= self.threshold => (State::Open { until: now + self.open_for }, Some("open")),
+            (State::Closed { failures }, Signal::Failing) if failures + 1 >= self.threshold => {
+                (State::Open { until: now + self.open_for }, Some("open"))
+            }
             (State::Closed { failures }, Signal::Failing) => (State::Closed { failures: failures + 1 }, None),
             (State::HalfOpen | State::Open { .. }, Signal::Healthy) => (State::Closed { failures: 0 }, Some("closed")),
             (State::HalfOpen, Signal::Failing) => (State::Open { until: now + self.open_for }, Some("open")),
@@ -102,7 +108,9 @@ pub enum Pick {
     /// A probe is in flight at a provider of the route: its answer decides.
     WaitForProbe,
     /// Every provider of the route is open; the first probe is due at `until`.
-    AllOpen { until: Instant },
+    AllOpen {
+        until: Instant,
+    },
 }
 
 /// The breakers of one dispatcher's providers, and a signal when any of them changes.
@@ -114,7 +122,10 @@ pub struct Breakers {
 
 impl Breakers {
     pub fn new(providers: impl IntoIterator<Item = Provider>, threshold: u32, open_for: Duration, unhealthy_for: Duration) -> Breakers {
-        Breakers { by_provider: providers.into_iter().map(|p| (p, Breaker::new(threshold, open_for, unhealthy_for))).collect(), changed: Notify::new() }
+        Breakers {
+            by_provider: providers.into_iter().map(|p| (p, Breaker::new(threshold, open_for, unhealthy_for))).collect(),
+            changed: Notify::new(),
+        }
     }
 
     /// The provider for an attempt over `route`: in order, starting after `after` (the

@@ -63,9 +63,16 @@ pub use crate::kafka::headers::Position as Pos;
 /// One consumed record, decoded.
 #[derive(Debug, Clone)]
 pub enum Item {
-    Delivery { pos: Pos, delivery: Box<ChannelDelivery>, retry_topic: bool },
+    Delivery {
+        pos: Pos,
+        delivery: Box<ChannelDelivery>,
+        retry_topic: bool,
+    },
     /// A record that cannot be a delivery (it goes to the DLQ with the reason).
-    Poison { pos: Pos, reason: String },
+    Poison {
+        pos: Pos,
+        reason: String,
+    },
 }
 
 impl Item {
@@ -84,11 +91,18 @@ pub enum Emit {
     Outcome(DeliveryOutcome),
     /// The delivery again: to retry level `level` (1-based), or for a failover (`0`) back to
     /// the delivery topic.
-    Again { level: usize, delivery: Box<ChannelDelivery> },
+    Again {
+        level: usize,
+        delivery: Box<ChannelDelivery>,
+    },
     /// The original record to the DLQ, with the reason.
-    DeadLetter { reason: String },
+    DeadLetter {
+        reason: String,
+    },
     /// Routers forget the user's cached contact data.
-    ContactChanged { user_id: String },
+    ContactChanged {
+        user_id: String,
+    },
 }
 
 /// What became of one record, and the store writes it waits for.
@@ -119,7 +133,9 @@ impl Deliver for Clients {
 enum Step {
     Decided(Decision),
     /// Every provider of the route is open until then (epoch ms).
-    Held { until_ms: i64 },
+    Held {
+        until_ms: i64,
+    },
 }
 
 /// A channel's provider orders (`dispatch.routes`, `dispatch.category_routes`).
@@ -130,7 +146,9 @@ pub struct Routes {
 
 impl Routes {
     pub fn of(channel: &str, cfg: &DispatchConfig) -> anyhow::Result<Routes> {
-        let parse = |names: &[String]| -> anyhow::Result<Vec<Provider>> { names.iter().map(|n| n.parse::<Provider>().map_err(anyhow::Error::from)).collect() };
+        let parse = |names: &[String]| -> anyhow::Result<Vec<Provider>> {
+            names.iter().map(|n| n.parse::<Provider>().map_err(anyhow::Error::from)).collect()
+        };
         let default = parse(cfg.routes.get(channel).map(Vec::as_slice).unwrap_or_default())?;
         let mut by_category = HashMap::new();
         for (category, by_channel) in &cfg.category_routes {
@@ -188,7 +206,15 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
             channel: channel.to_string(),
             role: format!("dispatch-{channel}"),
             breakers: Breakers::new(all.iter().copied(), cfg.breaker_failures, cfg.breaker_open_for, cfg.breaker_unhealthy_for),
-            limits: all.iter().map(|p| (*p, { let l = limit(p); Limiter::new(l.concurrency, l.rate_per_sec) })).collect(),
+            limits: all
+                .iter()
+                .map(|p| {
+                    (*p, {
+                        let l = limit(p);
+                        Limiter::new(l.concurrency, l.rate_per_sec)
+                    })
+                })
+                .collect(),
             writer: Writer::start(store.clone(), format!("dispatch-{channel}"), Duration::from_millis(cfg.write_interval_ms), cfg.write_max_rows),
             routes,
             retry_delays,
@@ -272,7 +298,8 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
                 }
             };
             let foreign = self.foreign.lock().unwrap().clone();
-            let uncertain = |pos: &Pos| foreign.get(&(pos.topic.clone(), pos.partition)).is_some_and(|(first, last)| (*first..=*last).contains(&pos.offset));
+            let uncertain =
+                |pos: &Pos| foreign.get(&(pos.topic.clone(), pos.partition)).is_some_and(|(first, last)| (*first..=*last).contains(&pos.offset));
             // Higher priority first; the stable sort keeps offset order within a priority.
             let mut order: Vec<usize> = (0..work.len()).collect();
             order.sort_by_key(|i| Reverse(work[*i].2.priority));
@@ -295,7 +322,12 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
                         slots[*slot].1 = Some(d);
                     }
                     Step::Held { until_ms } => {
-                        let h = holds.entry((pos.topic.clone(), pos.partition)).or_insert(Hold { topic: pos.topic.clone(), partition: pos.partition, offset: pos.offset, until_ms });
+                        let h = holds.entry((pos.topic.clone(), pos.partition)).or_insert(Hold {
+                            topic: pos.topic.clone(),
+                            partition: pos.partition,
+                            offset: pos.offset,
+                            until_ms,
+                        });
                         if pos.offset < h.offset {
                             h.offset = pos.offset;
                         }
@@ -377,7 +409,13 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
         drop(foreign);
         by_partition
             .into_iter()
-            .map(|((topic, partition), (first_offset, last_offset))| InflightRange { topic: topic.to_string(), partition, owner: self.owner.clone(), first_offset, last_offset })
+            .map(|((topic, partition), (first_offset, last_offset))| InflightRange {
+                topic: topic.to_string(),
+                partition,
+                owner: self.owner.clone(),
+                first_offset,
+                last_offset,
+            })
             .collect()
     }
 
@@ -388,7 +426,8 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
             // Sent before (by a process that stopped, or a replay): say so again, send nothing.
             // (Its log entry is the sent-log row itself.)
             let mut o = self.outcome(pos, d, "sent");
-            (o.provider, o.provider_message_id, o.latency_ms, o.attempt, o.occurred_at) = (Some(s.provider.clone()), Some(s.provider_message_id.clone()), s.latency_ms, s.attempt, s.sent_at);
+            (o.provider, o.provider_message_id, o.latency_ms, o.attempt, o.occurred_at) =
+                (Some(s.provider.clone()), Some(s.provider_message_id.clone()), s.latency_ms, s.attempt, s.sent_at);
             if !s.outcome_id.is_empty() {
                 o.outcome_id = s.outcome_id.clone();
             }
@@ -483,7 +522,8 @@ impl<S: DispatchStore, P: Deliver> Engine<S, P> {
                 self.emit(o, &mut out);
             }
             Next::Retry { level, delay, reason } => {
-                out.emits.push(Emit::Again { level, delivery: Box::new(self.again(d, provider, &reason, Some(now_ms() + delay.as_millis() as i64))) });
+                out.emits
+                    .push(Emit::Again { level, delivery: Box::new(self.again(d, provider, &reason, Some(now_ms() + delay.as_millis() as i64))) });
                 let mut o = with_provider(self.outcome(pos, d, "retry_scheduled"));
                 o.reason = Some(format!("{provider}: {reason}; retry {level} in {:.0} s", delay.as_secs_f64()));
                 self.emit(o, &mut out);
@@ -659,14 +699,24 @@ mod tests {
     }
 
     fn items(channel: &str, range: std::ops::Range<usize>) -> Vec<Item> {
-        range.map(|i| Item::Delivery { pos: Pos { topic: format!("delivery.{channel}"), partition: 0, offset: i as i64 }, delivery: Box::new(delivery(channel, i)), retry_topic: false }).collect()
+        range
+            .map(|i| Item::Delivery {
+                pos: Pos { topic: format!("delivery.{channel}"), partition: 0, offset: i as i64 },
+                delivery: Box::new(delivery(channel, i)),
+                retry_topic: false,
+            })
+            .collect()
     }
 
     fn outcomes(p: &Planned) -> Vec<DeliveryOutcome> {
-        p.decisions.iter().flat_map(|(_, es)| es.iter()).filter_map(|e| match e {
-            Emit::Outcome(o) => Some(o.clone()),
-            _ => None,
-        }).collect()
+        p.decisions
+            .iter()
+            .flat_map(|(_, es)| es.iter())
+            .filter_map(|e| match e {
+                Emit::Outcome(o) => Some(o.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -776,7 +826,14 @@ mod tests {
         let retry = &outcomes(&planned)[0];
         assert!(retry.status == "retry_scheduled" && retry.reason.as_deref().unwrap().contains("failing over to vonage"), "{retry:?}");
         // The next attempt goes to Vonage.
-        let planned = e.process(vec![Item::Delivery { pos: Pos { topic: "delivery.sms".into(), partition: 0, offset: 1 }, delivery: Box::new(next), retry_topic: false }]).await.unwrap();
+        let planned = e
+            .process(vec![Item::Delivery {
+                pos: Pos { topic: "delivery.sms".into(), partition: 0, offset: 1 },
+                delivery: Box::new(next),
+                retry_topic: false,
+            }])
+            .await
+            .unwrap();
         let sent = &outcomes(&planned)[0];
         assert_eq!((sent.status.as_str(), sent.provider.as_deref(), sent.attempt), ("sent", Some("vonage"), 1));
         assert_eq!((providers.calls(Provider::Twilio), providers.calls(Provider::Vonage)), (1, 1));
@@ -860,7 +917,11 @@ mod tests {
         let batch = vec![
             Item::Poison { pos: Pos { topic: "retry.email.1".into(), partition: 1, offset: 7 }, reason: "undecodable record: bad magic byte".into() },
             Item::Delivery { pos: Pos { topic: "retry.email.1".into(), partition: 0, offset: 3 }, delivery: Box::new(later), retry_topic: true },
-            Item::Delivery { pos: Pos { topic: "retry.email.1".into(), partition: 0, offset: 4 }, delivery: Box::new(delivery("email", 2)), retry_topic: true },
+            Item::Delivery {
+                pos: Pos { topic: "retry.email.1".into(), partition: 0, offset: 4 },
+                delivery: Box::new(delivery("email", 2)),
+                retry_topic: true,
+            },
         ];
         let planned = e.process(batch).await.unwrap();
         assert_eq!(planned.holds.len(), 1);

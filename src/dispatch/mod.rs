@@ -81,13 +81,16 @@ impl Dispatcher {
         for msg in batch {
             let pos = Pos { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
             match self.codec.decode::<ChannelDelivery>(msg.payload(), &self.reader).await {
-                Ok(delivery) => items.push(Item::Delivery { retry_topic: self.retry_topics.iter().any(|t| t == msg.topic()), pos, delivery: Box::new(delivery) }),
+                Ok(delivery) => {
+                    items.push(Item::Delivery { retry_topic: self.retry_topics.iter().any(|t| t == msg.topic()), pos, delivery: Box::new(delivery) })
+                }
                 Err(e) if e.is_retryable() => return Err(StageError::Retryable(e.to_string())),
                 Err(e) => items.push(Item::Poison { pos, reason: e.to_string() }),
             }
         }
         let planned = self.engine.process(items).await?;
-        let by_pos: std::collections::HashMap<(&str, i32, i64), &OwnedMessage> = batch.iter().map(|m| ((m.topic(), m.partition(), m.offset()), m)).collect();
+        let by_pos: std::collections::HashMap<(&str, i32, i64), &OwnedMessage> =
+            batch.iter().map(|m| ((m.topic(), m.partition(), m.offset()), m)).collect();
         let mut outputs = Vec::new();
         for (pos, emits) in &planned.decisions {
             let msg = by_pos[&(pos.topic.as_str(), pos.partition, pos.offset)];
@@ -102,7 +105,13 @@ impl Dispatcher {
         Ok(match e {
             Emit::Outcome(o) => {
                 let payload = self.codec.encode(&self.outcomes, o).await?;
-                Output { topic: self.outcomes.clone(), partition: None, key: Some(o.event_id.clone().into_bytes()), payload: Some(payload), headers: Vec::new() }
+                Output {
+                    topic: self.outcomes.clone(),
+                    partition: None,
+                    key: Some(o.event_id.clone().into_bytes()),
+                    payload: Some(payload),
+                    headers: Vec::new(),
+                }
             }
             Emit::Again { level, delivery } => {
                 let topic = match level {
@@ -110,7 +119,13 @@ impl Dispatcher {
                     n => &self.retry_topics[n - 1],
                 };
                 let payload = self.codec.encode(topic, delivery.as_ref()).await?;
-                Output { topic: topic.clone(), partition: None, key: Some(delivery.user_id.clone().into_bytes()), payload: Some(payload), headers: Vec::new() }
+                Output {
+                    topic: topic.clone(),
+                    partition: None,
+                    key: Some(delivery.user_id.clone().into_bytes()),
+                    payload: Some(payload),
+                    headers: Vec::new(),
+                }
             }
             Emit::DeadLetter { reason } => Output::dead_letter(msg, &self.dlq, reason.clone()),
             Emit::ContactChanged { user_id } => change_record(&self.changes, user_id),
@@ -121,7 +136,13 @@ impl Dispatcher {
 /// The changes-topic record that makes routers forget a user's cached contact data.
 fn change_record(topic: &str, user_id: &str) -> Output {
     let value = serde_json::json!({ "kind": "user", "id": user_id, "at": now_ms() }).to_string();
-    Output { topic: topic.into(), partition: None, key: Some(format!("user:{user_id}").into_bytes()), payload: Some(value.into_bytes()), headers: Vec::new() }
+    Output {
+        topic: topic.into(),
+        partition: None,
+        key: Some(format!("user:{user_id}").into_bytes()),
+        payload: Some(value.into_bytes()),
+        headers: Vec::new(),
+    }
 }
 
 struct Stage(Arc<Dispatcher>);

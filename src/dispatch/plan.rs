@@ -91,7 +91,10 @@ mod tests {
         assert!(matches!(next(&throttled, 0, &LEVELS, 0.0, v), Next::Failover { .. }), "Retry-After is the throttled provider's, not the next one's");
         let refused = Classification::AuthFailed { reason: "Twilio 401 20003".into() };
         assert!(matches!(next(&refused, 0, &LEVELS, 0.0, v), Next::Failover { .. }));
-        assert!(matches!(next(&refused, 0, &LEVELS, 0.0, None), Next::Retry { level: 1, .. }), "refused credentials may be fixed: retried, not failed");
+        assert!(
+            matches!(next(&refused, 0, &LEVELS, 0.0, None), Next::Retry { level: 1, .. }),
+            "refused credentials may be fixed: retried, not failed"
+        );
         assert!(matches!(next(&transient(), 3, &LEVELS, 0.0, v), Next::DeadLetter { .. }), "no attempts left");
         assert!(matches!(next(&transient(), 0, &[], 0.0, v), Next::DeadLetter { .. }), "no retry levels: one attempt");
     }

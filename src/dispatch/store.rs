@@ -98,7 +98,19 @@ impl DispatchStore for CqlDispatchStore {
                 match w {
                     Write::Sent(r) => vec![(
                         &self.put_delivery_ref,
-                        Box::new((&r.delivery_id, &r.event_id, &r.user_id, &r.channel, &r.category, &r.provider, &r.provider_message_id, r.attempt, r.latency_ms, at(r.sent_at), &r.outcome_id)),
+                        Box::new((
+                            &r.delivery_id,
+                            &r.event_id,
+                            &r.user_id,
+                            &r.channel,
+                            &r.category,
+                            &r.provider,
+                            &r.provider_message_id,
+                            r.attempt,
+                            r.latency_ms,
+                            at(r.sent_at),
+                            &r.outcome_id,
+                        )),
                     )],
                     Write::Log(o) => vec![(&s.put_log, Box::new(log_values(o, None)))],
                     Write::DeviceInactive { user_id, device_id } => vec![(&s.deactivate_device, Box::new((user_id, device_id)))],
@@ -117,14 +129,18 @@ impl DispatchStore for CqlDispatchStore {
         let rows = r.into_rows_result().map_err(|e| query_err("in-flight ranges", e))?;
         rows.rows::<(String, i32, String, i64, i64)>()
             .map_err(|e| query_err("in-flight ranges", e))?
-            .map(|row| row.map(|(topic, partition, owner, first_offset, last_offset)| InflightRange { topic, partition, owner, first_offset, last_offset }))
+            .map(|row| {
+                row.map(|(topic, partition, owner, first_offset, last_offset)| InflightRange { topic, partition, owner, first_offset, last_offset })
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| query_err("in-flight ranges", e))
     }
 
     async fn put_inflight(&self, ranges: &[InflightRange]) -> Result<(), StoreError> {
-        let groups: Vec<Vec<Row<'_>>> =
-            ranges.iter().map(|r| -> Vec<Row<'_>> { vec![(&self.put_inflight, Box::new((&r.topic, r.partition, &r.owner, r.first_offset, r.last_offset)))] }).collect();
+        let groups: Vec<Vec<Row<'_>>> = ranges
+            .iter()
+            .map(|r| -> Vec<Row<'_>> { vec![(&self.put_inflight, Box::new((&r.topic, r.partition, &r.owner, r.first_offset, r.last_offset)))] })
+            .collect();
         write_grouped(&self.store.session, groups, "in-flight ranges").await
     }
 }
@@ -178,7 +194,11 @@ pub mod memory {
             self.failing_writes.store(n, Ordering::SeqCst);
         }
         fn check(&self) -> Result<(), StoreError> {
-            if self.down.load(Ordering::SeqCst) { Err(failure("the store is down")) } else { Ok(()) }
+            if self.down.load(Ordering::SeqCst) {
+                Err(failure("the store is down"))
+            } else {
+                Ok(())
+            }
         }
         fn apply(&self, w: &Write) {
             let d = &self.data;

@@ -42,7 +42,11 @@ impl Writer {
     /// Starts the writer task on `store`.
     /// `role` labels the `herald_waiting{dependency="store"}` gauge while writes fail.
     pub fn start<S: DispatchStore>(store: Arc<S>, role: String, interval: Duration, max_rows: usize) -> Writer {
-        let inner = Arc::new(Inner { queue: Mutex::new(Queue { rows: Vec::new(), done: Vec::new(), since: None }), wake: Notify::new(), max_rows: max_rows.max(1) });
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue { rows: Vec::new(), done: Vec::new(), since: None }),
+            wake: Notify::new(),
+            max_rows: max_rows.max(1),
+        });
         tokio::spawn(flush_loop(inner.clone(), store, role, interval));
         Writer { inner }
     }

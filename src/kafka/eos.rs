@@ -63,20 +63,12 @@ impl Output {
     /// The original record (key, bytes, headers) for the DLQ, plus why and where from
     /// (the contract is in [`super::headers`]).
     pub fn dead_letter(msg: &OwnedMessage, dlq: &str, reason: String) -> Output {
-        let mut headers: Vec<(String, Vec<u8>)> = msg
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-            .unwrap_or_default();
+        let mut headers: Vec<(String, Vec<u8>)> =
+            msg.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
         headers.retain(|(k, _)| k != super::headers::DLQ_REASON && k != super::headers::DLQ_SOURCE);
         headers.push((super::headers::DLQ_REASON.into(), reason.into_bytes()));
         headers.push((super::headers::DLQ_SOURCE.into(), super::headers::Position::of(msg).to_string().into_bytes()));
-        Output {
-            topic: dlq.to_string(),
-            partition: None,
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec),
-            headers,
-        }
+        Output { topic: dlq.to_string(), partition: None, key: msg.key().map(<[u8]>::to_vec), payload: msg.payload().map(<[u8]>::to_vec), headers }
     }
 }
 
@@ -207,12 +199,7 @@ impl ConsumerContext for StageContext {
 }
 
 /// Runs the stage until `shutdown` is cancelled (finishing the batch in hand) or a fatal error.
-pub async fn run<P: Processor>(
-    cfg: &KafkaConfig,
-    settings: &StageSettings,
-    processor: &P,
-    shutdown: CancellationToken,
-) -> Result<(), BusError> {
+pub async fn run<P: Processor>(cfg: &KafkaConfig, settings: &StageSettings, processor: &P, shutdown: CancellationToken) -> Result<(), BusError> {
     let state = Arc::new(Mutex::new(Revocations::default()));
     let consumer: StreamConsumer<StageContext> = client_config(cfg, settings.role)
         .set("group.id", &settings.group_id)
@@ -226,9 +213,7 @@ pub async fn run<P: Processor>(
         .create_with_context(StageContext { role: settings.role, state: state.clone(), errors: super::Throttle::default() })
         .map_err(|e| BusError::Config(e.to_string()))?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|source| BusError::Op { op: "subscribe", source })?;
+    consumer.subscribe(&topics).map_err(|source| BusError::Op { op: "subscribe", source })?;
     let timeout = cfg.request_timeout().max(settings.transaction_timeout);
     let Some(mut producer) = transactional_producer(cfg, settings, timeout, &shutdown).await? else {
         return Ok(());
@@ -267,7 +252,13 @@ pub async fn run<P: Processor>(
         };
         match committed {
             Ok(()) => {
-                tracing::debug!(records = batch.len(), outputs = produced, commit_ms = committing.elapsed().as_millis() as u64, overlapped = overlap, "batch committed");
+                tracing::debug!(
+                    records = batch.len(),
+                    outputs = produced,
+                    commit_ms = committing.elapsed().as_millis() as u64,
+                    overlapped = overlap,
+                    "batch committed"
+                );
                 events::waiting(settings.role, "kafka", false);
                 backoff = Duration::from_millis(100);
                 processor.committed(&batch);
@@ -392,7 +383,12 @@ fn start_commit(
 
 /// A transactional producer with transactions initialised, retried until the broker's
 /// transaction coordinator answers; `None` if `shutdown` came first.
-async fn transactional_producer(cfg: &KafkaConfig, settings: &StageSettings, timeout: Duration, shutdown: &CancellationToken) -> Result<Option<FutureProducer>, BusError> {
+async fn transactional_producer(
+    cfg: &KafkaConfig,
+    settings: &StageSettings,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<FutureProducer>, BusError> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let producer: FutureProducer = client_config(cfg, settings.role)
@@ -454,7 +450,12 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Calls a blocking transaction step again while it fails with a retriable error, for at
 /// most `within` (or until shutdown).
-async fn retrying(role: &str, mut f: impl FnMut() -> Result<(), KafkaError>, within: Duration, shutdown: &CancellationToken) -> Result<(), KafkaError> {
+async fn retrying(
+    role: &str,
+    mut f: impl FnMut() -> Result<(), KafkaError>,
+    within: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaError> {
     let started = std::time::Instant::now();
     loop {
         match blocking(&mut f) {
@@ -505,7 +506,13 @@ async fn rewind_to_committed(consumer: &StreamConsumer<StageContext>, batch: &[O
             _ => batch_first,
         };
         if to != batch_first {
-            tracing::info!(topic = t, partition = p, batch_first, committed = to, "the failed transaction had committed; not reading the batch again");
+            tracing::info!(
+                topic = t,
+                partition = p,
+                batch_first,
+                committed = to,
+                "the failed transaction had committed; not reading the batch again"
+            );
         }
         if let Err(e) = consumer.seek(t, p, Offset::Offset(to), Duration::from_secs(5)) {
             tracing::debug!(topic = t, partition = p, error = %e, "rewind skipped");
@@ -561,7 +568,11 @@ async fn collect(
         return None;
     }
     batch.retain(|m| !paused.contains_key(&(m.topic().to_string(), m.partition())));
-    if batch.is_empty() { None } else { Some(batch) }
+    if batch.is_empty() {
+        None
+    } else {
+        Some(batch)
+    }
 }
 
 /// A consume error: the broker is away (librdkafka keeps reconnecting) or a record could

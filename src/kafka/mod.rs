@@ -19,11 +19,7 @@ use crate::error::Classify;
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("Kafka at {brokers} is not reachable within {waited:?}: {detail}. Is the broker running (scripts/stack status) and is kafka.bootstrap_servers right?")]
-    Unreachable {
-        brokers: String,
-        waited: Duration,
-        detail: String,
-    },
+    Unreachable { brokers: String, waited: Duration, detail: String },
     #[error("Kafka client configuration rejected: {0}")]
     Config(String),
     #[error("Kafka topic {0} has no partitions: does it exist (herald setup)?")]
@@ -130,9 +126,7 @@ pub fn producer(cfg: &KafkaConfig, role: &str) -> Result<FutureProducer, BusErro
 
 /// The admin client (topic management).
 pub fn admin(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, BusError> {
-    client_config(cfg, "admin")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))
+    client_config(cfg, "admin").create().map_err(|e| BusError::Config(e.to_string()))
 }
 
 /// Cluster facts gathered by [`check_reachable`].
@@ -146,23 +140,16 @@ pub struct ClusterInfo {
 /// `kafka.connect_timeout_ms` instead of letting librdkafka retry forever.
 pub async fn check_reachable(cfg: &KafkaConfig) -> Result<ClusterInfo, BusError> {
     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
-    let consumer: BaseConsumer = client_config(cfg, "probe")
-        .create()
-        .map_err(|e| BusError::Config(e.to_string()))?;
+    let consumer: BaseConsumer = client_config(cfg, "probe").create().map_err(|e| BusError::Config(e.to_string()))?;
     let brokers = cfg.bootstrap_servers.clone();
     let started = Instant::now();
     tokio::task::spawn_blocking(move || {
-        let md = consumer
-            .fetch_metadata(None, timeout)
-            .map_err(|e| BusError::Unreachable {
-                brokers,
-                waited: started.elapsed(),
-                detail: e.to_string(),
-            })?;
-        Ok(ClusterInfo {
-            brokers: md.brokers().len(),
-            topics: md.topics().iter().map(|t| t.name().to_string()).collect(),
-        })
+        let md = consumer.fetch_metadata(None, timeout).map_err(|e| BusError::Unreachable {
+            brokers,
+            waited: started.elapsed(),
+            detail: e.to_string(),
+        })?;
+        Ok(ClusterInfo { brokers: md.brokers().len(), topics: md.topics().iter().map(|t| t.name().to_string()).collect() })
     })
     .await
     .expect("metadata probe task panicked")

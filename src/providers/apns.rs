@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{
-    configured, endpoint, Classification, HttpConfig, HttpRequest, HttpResponse, ProviderError,
-    Push,
-};
+use super::{configured, endpoint, Classification, HttpConfig, HttpRequest, HttpResponse, ProviderError, Push};
 use crate::config::Secret;
 use crate::model::ChannelDelivery;
 
@@ -65,10 +62,7 @@ impl ApnsConfig {
         configured(&self.key_id, "providers.apns.key_id")?;
         configured(&self.team_id, "providers.apns.team_id")?;
         if !(1200..=3600).contains(&self.token_refresh_secs) {
-            return Err(ProviderError::Config(format!(
-                "providers.apns.token_refresh_secs must be 1200..=3600, not {}",
-                self.token_refresh_secs
-            )));
+            return Err(ProviderError::Config(format!("providers.apns.token_refresh_secs must be 1200..=3600, not {}", self.token_refresh_secs)));
         }
         Ok(())
     }
@@ -79,23 +73,14 @@ impl ApnsConfig {
 /// # Errors
 /// `InvalidAddress` for a token that is not hex, `InvalidDelivery` for missing content or
 /// an over-long collapse id, `PayloadTooLarge` above [`MAX_PAYLOAD_BYTES`].
-pub fn build_request(
-    cfg: &ApnsConfig,
-    d: &ChannelDelivery,
-    token: &Secret,
-) -> Result<HttpRequest, ProviderError> {
+pub fn build_request(cfg: &ApnsConfig, d: &ChannelDelivery, token: &Secret) -> Result<HttpRequest, ProviderError> {
     let push = Push::of(d)?;
     if !d.address.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ProviderError::InvalidAddress(
-            "APNs device token is not hex".into(),
-        ));
+        return Err(ProviderError::InvalidAddress("APNs device token is not hex".into()));
     }
     let body = payload(&push).to_string().into_bytes();
     if body.len() > MAX_PAYLOAD_BYTES {
-        return Err(ProviderError::PayloadTooLarge {
-            size: body.len(),
-            limit: MAX_PAYLOAD_BYTES,
-        });
+        return Err(ProviderError::PayloadTooLarge { size: body.len(), limit: MAX_PAYLOAD_BYTES });
     }
     let mut req = HttpRequest::post(endpoint(&cfg.base_url, &format!("3/device/{}", d.address)))
         .header("authorization", format!("bearer {}", token.expose()))
@@ -106,10 +91,7 @@ pub fn build_request(
         .header("apns-id", apns_id(&d.delivery_id));
     if let Some(id) = push.collapse_id {
         if id.len() > MAX_COLLAPSE_ID_BYTES {
-            return Err(ProviderError::InvalidDelivery(format!(
-                "collapse id is {} bytes; APNs allows {MAX_COLLAPSE_ID_BYTES}",
-                id.len()
-            )));
+            return Err(ProviderError::InvalidDelivery(format!("collapse id is {} bytes; APNs allows {MAX_COLLAPSE_ID_BYTES}", id.len())));
         }
         req = req.header("apns-collapse-id", id);
     }
@@ -142,10 +124,7 @@ pub fn apns_id(delivery_id: &str) -> String {
     let digest = Sha256::digest(delivery_id.as_bytes());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes)
-        .into_uuid()
-        .hyphenated()
-        .to_string()
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().hyphenated().to_string()
 }
 
 /// Maps an APNs answer to its class (every reason of Apple's table).
@@ -160,36 +139,18 @@ pub fn classify(resp: &HttpResponse) -> Classification {
     let why = format!("APNs {} {reason}", resp.status);
     match reason {
         // Never retry these (Apple); the token or its topic binding is dead.
-        "BadDeviceToken" | "Unregistered" | "ExpiredToken" | "DeviceTokenNotForTopic" => {
-            Classification::invalid(why)
-        }
+        "BadDeviceToken" | "Unregistered" | "ExpiredToken" | "DeviceTokenNotForTopic" => Classification::invalid(why),
         "ExpiredProviderToken" => Classification::reauth(why),
         // Too many pushes to one device: no Retry-After, the dispatcher backs off.
         "TooManyRequests" => Classification::throttled(resp.retry_after(), why),
         // Minted too often: keep the cached token and try later (the cache has the floor).
         "TooManyProviderTokenUpdates" => Classification::throttled(resp.retry_after(), why),
-        "IdleTimeout" | "InternalServerError" | "ServiceUnavailable" | "Shutdown" => {
-            Classification::transient(why)
-        }
-        "BadCollapseId"
-        | "BadExpirationDate"
-        | "BadMessageId"
-        | "BadPriority"
-        | "BadTopic"
-        | "DuplicateHeaders"
-        | "InvalidPushType"
-        | "MissingDeviceToken"
-        | "MissingTopic"
-        | "PayloadEmpty"
-        | "TopicDisallowed"
-        | "BadPath"
-        | "MethodNotAllowed"
-        | "PayloadTooLarge"
+        "IdleTimeout" | "InternalServerError" | "ServiceUnavailable" | "Shutdown" => Classification::transient(why),
+        "BadCollapseId" | "BadExpirationDate" | "BadMessageId" | "BadPriority" | "BadTopic" | "DuplicateHeaders" | "InvalidPushType"
+        | "MissingDeviceToken" | "MissingTopic" | "PayloadEmpty" | "TopicDisallowed" | "BadPath" | "MethodNotAllowed" | "PayloadTooLarge"
         | "Forbidden" => Classification::permanent(why),
         // Herald's signing key, team or certificate is refused: no push will go through.
-        "InvalidProviderToken" | "MissingProviderToken" | "BadCertificate" | "BadCertificateEnvironment" => {
-            Classification::auth_failed(why)
-        }
+        "InvalidProviderToken" | "MissingProviderToken" | "BadCertificate" | "BadCertificateEnvironment" => Classification::auth_failed(why),
         _ => Classification::by_status(resp, why),
     }
 }
@@ -206,15 +167,9 @@ mod tests {
     const TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
     fn push_delivery() -> ChannelDelivery {
-        let mut content = RenderedContent {
-            title: Some("Shipped".into()),
-            body: Some("Your order is on its way".into()),
-            ..Default::default()
-        };
+        let mut content = RenderedContent { title: Some("Shipped".into()), body: Some("Your order is on its way".into()), ..Default::default() };
         content.data.insert("order_id".into(), "o-9".into());
-        content
-            .data
-            .insert("collapse_id".into(), "order-o-9".into());
+        content.data.insert("collapse_id".into(), "order-o-9".into());
         delivery("apns", TOKEN, content)
     }
 
@@ -226,10 +181,7 @@ mod tests {
     fn builds_the_alert_request() {
         let req = build_request(&apns_config(), &push_delivery(), &jwt()).unwrap();
         assert_eq!(req.method, reqwest::Method::POST);
-        assert_eq!(
-            req.url,
-            format!("https://api.push.apple.com/3/device/{TOKEN}")
-        );
+        assert_eq!(req.url, format!("https://api.push.apple.com/3/device/{TOKEN}"));
         let expiration = ((NOW_MS + 3_600_000) / 1000).to_string();
         let expected: Vec<(String, String)> = [
             ("authorization", "bearer eyJ.jwt.sig"),
@@ -275,9 +227,7 @@ mod tests {
         assert_ne!(id, apns_id("d-43"));
         let groups: Vec<usize> = id.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
-        assert!(id
-            .chars()
-            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || c == '-'));
+        assert!(id.chars().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || c == '-'));
     }
 
     #[test]
@@ -285,46 +235,25 @@ mod tests {
         let mut d = push_delivery();
         d.content.body = Some("x".repeat(MAX_PAYLOAD_BYTES));
         let err = build_request(&apns_config(), &d, &jwt()).unwrap_err();
-        assert!(
-            matches!(err, ProviderError::PayloadTooLarge { limit: 4096, size } if size > 4096),
-            "{err}"
-        );
+        assert!(matches!(err, ProviderError::PayloadTooLarge { limit: 4096, size } if size > 4096), "{err}");
 
         // Exactly at the limit is fine.
-        let base = build_request(&apns_config(), &push_delivery(), &jwt())
-            .unwrap()
-            .body
-            .len();
+        let base = build_request(&apns_config(), &push_delivery(), &jwt()).unwrap().body.len();
         let mut d = push_delivery();
         let room = MAX_PAYLOAD_BYTES - base;
         d.content.body = Some(format!("{}{}", d.content.body.unwrap(), "y".repeat(room)));
-        assert_eq!(
-            build_request(&apns_config(), &d, &jwt())
-                .unwrap()
-                .body
-                .len(),
-            MAX_PAYLOAD_BYTES
-        );
+        assert_eq!(build_request(&apns_config(), &d, &jwt()).unwrap().body.len(), MAX_PAYLOAD_BYTES);
 
         let mut d = push_delivery();
         d.content.data.insert("collapse_id".into(), "c".repeat(65));
-        assert!(matches!(
-            build_request(&apns_config(), &d, &jwt()),
-            Err(ProviderError::InvalidDelivery(_))
-        ));
+        assert!(matches!(build_request(&apns_config(), &d, &jwt()), Err(ProviderError::InvalidDelivery(_))));
         let mut d = push_delivery();
         d.address = "../../admin".into();
-        assert!(matches!(
-            build_request(&apns_config(), &d, &jwt()),
-            Err(ProviderError::InvalidAddress(_))
-        ));
+        assert!(matches!(build_request(&apns_config(), &d, &jwt()), Err(ProviderError::InvalidAddress(_))));
         let mut d = push_delivery();
         d.content.title = None;
         d.content.body = None;
-        assert!(matches!(
-            build_request(&apns_config(), &d, &jwt()),
-            Err(ProviderError::InvalidDelivery(_))
-        ));
+        assert!(matches!(build_request(&apns_config(), &d, &jwt()), Err(ProviderError::InvalidDelivery(_))));
     }
 
     fn reason(status: u16, reason: &str) -> Classification {
@@ -334,14 +263,8 @@ mod tests {
     #[test]
     fn classifies_every_reason_in_the_table() {
         let ok = resp(200, "").with_header("apns-id", "0a1b2c3d-0000-8000-8000-000000000000");
-        assert_eq!(
-            classify(&ok),
-            Classification::sent("0a1b2c3d-0000-8000-8000-000000000000")
-        );
-        let gone = resp(
-            410,
-            r#"{"reason":"Unregistered","timestamp":1767225600000}"#,
-        );
+        assert_eq!(classify(&ok), Classification::sent("0a1b2c3d-0000-8000-8000-000000000000"));
+        let gone = resp(410, r#"{"reason":"Unregistered","timestamp":1767225600000}"#);
         assert_eq!(classify(&gone).label(), "invalid_address");
         let table: &[(u16, &str, &str)] = &[
             (400, "BadDeviceToken", "invalid_address"),
@@ -381,19 +304,9 @@ mod tests {
             assert_eq!(c.label(), *class, "{status} {r}");
             assert_eq!(c.reason(), Some(format!("APNs {status} {r}").as_str()));
         }
-        assert_eq!(
-            reason(429, "TooManyRequests"),
-            Classification::throttled(None, "APNs 429 TooManyRequests")
-        );
-        let c = classify(
-            &resp(429, r#"{"reason":"TooManyRequests"}"#).with_header("retry-after", "30"),
-        );
-        assert!(
-            matches!(c, Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(30))
-        );
-        assert_eq!(
-            classify(&resp(502, "<html>bad gateway</html>")).label(),
-            "transient"
-        );
+        assert_eq!(reason(429, "TooManyRequests"), Classification::throttled(None, "APNs 429 TooManyRequests"));
+        let c = classify(&resp(429, r#"{"reason":"TooManyRequests"}"#).with_header("retry-after", "30"));
+        assert!(matches!(c, Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(30)));
+        assert_eq!(classify(&resp(502, "<html>bad gateway</html>")).label(), "transient");
     }
 }

@@ -48,38 +48,26 @@ impl Clock for ManualClock {
 }
 
 pub fn epoch_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 pub fn epoch_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A credential given inline or as a file path (the file wins when both are set).
-pub fn load_secret(
-    inline: &Secret,
-    file: &Option<PathBuf>,
-    what: &str,
-) -> Result<Secret, ProviderError> {
+pub fn load_secret(inline: &Secret, file: &Option<PathBuf>, what: &str) -> Result<Secret, ProviderError> {
     match file {
-        Some(path) => std::fs::read_to_string(path).map(Secret::new).map_err(|e| {
-            ProviderError::Config(format!("{what}: cannot read {}: {e}", path.display()))
-        }),
+        Some(path) => {
+            std::fs::read_to_string(path).map(Secret::new).map_err(|e| ProviderError::Config(format!("{what}: cannot read {}: {e}", path.display())))
+        }
         None if inline.is_empty() => Err(ProviderError::Config(format!("{what} is not set"))),
         None => Ok(inline.clone()),
     }
 }
 
-fn sign<T: Serialize>(
-    header: &Header,
-    claims: &T,
-    key: &EncodingKey,
-) -> Result<Secret, ProviderError> {
-    jsonwebtoken::encode(header, claims, key)
-        .map(Secret::new)
-        .map_err(|e| ProviderError::Config(format!("cannot sign a {:?} JWT: {e}", header.alg)))
+fn sign<T: Serialize>(header: &Header, claims: &T, key: &EncodingKey) -> Result<Secret, ProviderError> {
+    jsonwebtoken::encode(header, claims, key).map(Secret::new).map_err(|e| ProviderError::Config(format!("cannot sign a {:?} JWT: {e}", header.alg)))
 }
 
 // ---------------------------------------------------------------- APNs provider token
@@ -97,19 +85,11 @@ pub struct ApnsClaims {
 }
 
 /// A provider token: header `{"alg":"ES256","kid":key_id}`, claims `{iss: team_id, iat}`.
-pub fn apns_jwt(
-    key: &EncodingKey,
-    key_id: &str,
-    team_id: &str,
-    iat: SystemTime,
-) -> Result<Secret, ProviderError> {
+pub fn apns_jwt(key: &EncodingKey, key_id: &str, team_id: &str, iat: SystemTime) -> Result<Secret, ProviderError> {
     let mut header = Header::new(Algorithm::ES256);
     header.typ = None;
     header.kid = Some(key_id.to_string());
-    let claims = ApnsClaims {
-        iss: team_id.to_string(),
-        iat: epoch_secs(iat),
-    };
+    let claims = ApnsClaims { iss: team_id.to_string(), iat: epoch_secs(iat) };
     sign(&header, &claims, key)
 }
 
@@ -135,9 +115,8 @@ impl ApnsTokenCache {
         cfg.validate()?;
         let what = "providers.apns.private_key_pem";
         let pem = load_secret(&cfg.private_key_pem, &cfg.private_key_file, what)?;
-        let key = EncodingKey::from_ec_pem(pem.expose().as_bytes()).map_err(|e| {
-            ProviderError::Config(format!("{what} is not a PKCS#8 P-256 key (.p8): {e}"))
-        })?;
+        let key = EncodingKey::from_ec_pem(pem.expose().as_bytes())
+            .map_err(|e| ProviderError::Config(format!("{what} is not a PKCS#8 P-256 key (.p8): {e}")))?;
         let cache = ApnsTokenCache {
             key,
             key_id: cfg.key_id.clone(),
@@ -162,11 +141,7 @@ impl ApnsTokenCache {
             }
         }
         let token = apns_jwt(&self.key, &self.key_id, &self.team_id, now)?;
-        *current = Some(Minted {
-            token: token.clone(),
-            iat: now,
-            rejected: false,
-        });
+        *current = Some(Minted { token: token.clone(), iat: now, rejected: false });
         Ok(token)
     }
 
@@ -222,12 +197,7 @@ pub struct AssertionClaims {
 
 /// The RS256 assertion: header `{alg, typ, kid: private_key_id}`, claims
 /// `{iss: client_email, scope, aud: token_uri, iat, exp: iat + 3600}`.
-pub fn google_assertion(
-    sa: &ServiceAccount,
-    key: &EncodingKey,
-    token_uri: &str,
-    now: SystemTime,
-) -> Result<Secret, ProviderError> {
+pub fn google_assertion(sa: &ServiceAccount, key: &EncodingKey, token_uri: &str, now: SystemTime) -> Result<Secret, ProviderError> {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(sa.private_key_id.clone()).filter(|k| !k.is_empty());
     let iat = epoch_secs(now);
@@ -243,10 +213,7 @@ pub fn google_assertion(
 
 /// The token request: a form POST of the assertion to `token_uri`.
 pub fn token_request(token_uri: &str, assertion: &Secret) -> HttpRequest {
-    HttpRequest::post(token_uri).form([
-        ("grant_type", JWT_BEARER),
-        ("assertion", assertion.expose()),
-    ])
+    HttpRequest::post(token_uri).form([("grant_type", JWT_BEARER), ("assertion", assertion.expose())])
 }
 
 /// `200 {"access_token","expires_in"}` → the token and its lifetime; anything else is an
@@ -259,10 +226,7 @@ pub fn parse_token_response(resp: &HttpResponse) -> Result<(Secret, Duration), P
     }
     if resp.status == 200 {
         if let Ok(g) = serde_json::from_slice::<Granted>(&resp.body) {
-            return Ok((
-                Secret::new(g.access_token),
-                Duration::from_secs(g.expires_in),
-            ));
+            return Ok((Secret::new(g.access_token), Duration::from_secs(g.expires_in)));
         }
     }
     let reason = match resp.json() {
@@ -274,10 +238,7 @@ pub fn parse_token_response(resp: &HttpResponse) -> Result<(Secret, Duration), P
         ),
         _ => format!("token endpoint: {}", resp.summary()),
     };
-    Err(ProviderError::Auth {
-        reason: reason.trim_end().to_string(),
-        retryable: resp.status == 429 || resp.status >= 500,
-    })
+    Err(ProviderError::Auth { reason: reason.trim_end().to_string(), retryable: resp.status == 429 || resp.status >= 500 })
 }
 
 /// The FCM access token: fetched once, shared, refreshed `margin` before it expires.
@@ -295,17 +256,11 @@ impl GoogleTokenCache {
     pub fn new(cfg: &FcmConfig, clock: Arc<dyn Clock>) -> Result<Self, ProviderError> {
         let what = "providers.fcm.service_account_json";
         let json = load_secret(&cfg.service_account_json, &cfg.service_account_file, what)?;
-        let account: ServiceAccount = serde_json::from_str(json.expose()).map_err(|e| {
-            ProviderError::Config(format!("{what} is not a service-account key: {e}"))
-        })?;
-        let key =
-            EncodingKey::from_rsa_pem(account.private_key.expose().as_bytes()).map_err(|e| {
-                ProviderError::Config(format!("{what}: private_key is not an RSA PEM: {e}"))
-            })?;
-        let token_uri = cfg
-            .token_uri
-            .clone()
-            .unwrap_or_else(|| account.token_uri.clone());
+        let account: ServiceAccount =
+            serde_json::from_str(json.expose()).map_err(|e| ProviderError::Config(format!("{what} is not a service-account key: {e}")))?;
+        let key = EncodingKey::from_rsa_pem(account.private_key.expose().as_bytes())
+            .map_err(|e| ProviderError::Config(format!("{what}: private_key is not an RSA PEM: {e}")))?;
+        let token_uri = cfg.token_uri.clone().unwrap_or_else(|| account.token_uri.clone());
         Ok(GoogleTokenCache {
             account,
             key,
@@ -322,11 +277,7 @@ impl GoogleTokenCache {
     }
 
     /// A valid access token, fetched over `client` when none is cached.
-    pub async fn token(
-        &self,
-        client: &reqwest::Client,
-        timeout: Duration,
-    ) -> Result<Secret, ProviderError> {
+    pub async fn token(&self, client: &reqwest::Client, timeout: Duration) -> Result<Secret, ProviderError> {
         self.token_with(|req| send(client, req, timeout)).await
     }
 
@@ -344,8 +295,7 @@ impl GoogleTokenCache {
         }
         let now = self.clock.now();
         let assertion = google_assertion(&self.account, &self.key, &self.token_uri, now)?;
-        let (token, lifetime) =
-            parse_token_response(&fetch(token_request(&self.token_uri, &assertion)).await?)?;
+        let (token, lifetime) = parse_token_response(&fetch(token_request(&self.token_uri, &assertion)).await?)?;
         let refresh_at = now + lifetime - self.margin.min(lifetime / 2);
         *current = Some((token.clone(), refresh_at));
         Ok(token)
@@ -407,20 +357,11 @@ pub(crate) mod tests {
         assert_eq!(header.kid.as_deref(), Some("ABC123DEFG"));
         assert_eq!(header.typ, None);
         let public = DecodingKey::from_ec_pem(APNS_TEST_PUB.as_bytes()).unwrap();
-        let data =
-            jsonwebtoken::decode::<ApnsClaims>(jwt, &public, &no_validation(Algorithm::ES256))
-                .unwrap();
-        assert_eq!(
-            data.claims,
-            ApnsClaims {
-                iss: "DEF123GHIJ".into(),
-                iat: 1_767_225_600
-            }
-        );
+        let data = jsonwebtoken::decode::<ApnsClaims>(jwt, &public, &no_validation(Algorithm::ES256)).unwrap();
+        assert_eq!(data.claims, ApnsClaims { iss: "DEF123GHIJ".into(), iat: 1_767_225_600 });
         // JWS ES256 signatures are raw r‖s, not DER.
         let sig = jwt.rsplit('.').next().unwrap();
-        let sig =
-            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig).unwrap();
+        let sig = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig).unwrap();
         assert_eq!(sig.len(), 64);
     }
 
@@ -430,11 +371,7 @@ pub(crate) mod tests {
         let cache = ApnsTokenCache::new(&apns_config(), clock.clone()).unwrap();
         let first = cache.token().unwrap();
         clock.advance(minutes(39));
-        assert_eq!(
-            cache.token().unwrap(),
-            first,
-            "reused before the configured 40 min"
-        );
+        assert_eq!(cache.token().unwrap(), first, "reused before the configured 40 min");
         clock.advance(minutes(1));
         let second = cache.token().unwrap();
         assert_ne!(second, first, "re-minted at 40 min");
@@ -454,27 +391,13 @@ pub(crate) mod tests {
     #[test]
     fn apns_refresh_age_must_be_between_20_and_60_minutes() {
         for secs in [600, 3601] {
-            let cfg = ApnsConfig {
-                token_refresh_secs: secs,
-                ..apns_config()
-            };
-            let err = ApnsTokenCache::new(&cfg, Arc::new(SystemClock))
-                .err()
-                .unwrap();
+            let cfg = ApnsConfig { token_refresh_secs: secs, ..apns_config() };
+            let err = ApnsTokenCache::new(&cfg, Arc::new(SystemClock)).err().unwrap();
             assert!(err.to_string().contains("token_refresh_secs"), "{err}");
         }
-        let cfg = ApnsConfig {
-            private_key_pem: Secret::new("not a key"),
-            ..apns_config()
-        };
-        let err = ApnsTokenCache::new(&cfg, Arc::new(SystemClock))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("private_key_pem") && !err.contains("not a key"),
-            "{err}"
-        );
+        let cfg = ApnsConfig { private_key_pem: Secret::new("not a key"), ..apns_config() };
+        let err = ApnsTokenCache::new(&cfg, Arc::new(SystemClock)).err().unwrap().to_string();
+        assert!(err.contains("private_key_pem") && !err.contains("not a key"), "{err}");
     }
 
     pub fn service_account_json(token_uri: &str) -> String {
@@ -490,40 +413,22 @@ pub(crate) mod tests {
     }
 
     fn fcm_config() -> FcmConfig {
-        FcmConfig {
-            service_account_json: Secret::new(service_account_json(GOOGLE_TOKEN_URI)),
-            ..FcmConfig::default()
-        }
+        FcmConfig { service_account_json: Secret::new(service_account_json(GOOGLE_TOKEN_URI)), ..FcmConfig::default() }
     }
 
     fn granted(token: &str, expires_in: u64) -> HttpResponse {
-        HttpResponse::new(
-            200,
-            format!(
-                r#"{{"access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#
-            ),
-        )
+        HttpResponse::new(200, format!(r#"{{"access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#))
     }
 
     #[test]
     fn google_assertion_has_the_service_account_claims_and_verifies() {
-        let sa: ServiceAccount =
-            serde_json::from_str(&service_account_json(GOOGLE_TOKEN_URI)).unwrap();
+        let sa: ServiceAccount = serde_json::from_str(&service_account_json(GOOGLE_TOKEN_URI)).unwrap();
         let key = EncodingKey::from_rsa_pem(RSA_TEST_KEY.as_bytes()).unwrap();
         let jwt = google_assertion(&sa, &key, GOOGLE_TOKEN_URI, t0()).unwrap();
         let header = jsonwebtoken::decode_header(jwt.expose()).unwrap();
-        assert_eq!(
-            (header.alg, header.kid.as_deref(), header.typ.as_deref()),
-            (Algorithm::RS256, Some("kid-1"), Some("JWT"))
-        );
+        assert_eq!((header.alg, header.kid.as_deref(), header.typ.as_deref()), (Algorithm::RS256, Some("kid-1"), Some("JWT")));
         let public = DecodingKey::from_rsa_pem(RSA_TEST_PUB.as_bytes()).unwrap();
-        let claims = jsonwebtoken::decode::<AssertionClaims>(
-            jwt.expose(),
-            &public,
-            &no_validation(Algorithm::RS256),
-        )
-        .unwrap()
-        .claims;
+        let claims = jsonwebtoken::decode::<AssertionClaims>(jwt.expose(), &public, &no_validation(Algorithm::RS256)).unwrap().claims;
         assert_eq!(
             claims,
             AssertionClaims {
@@ -536,13 +441,8 @@ pub(crate) mod tests {
         );
         let req = token_request(GOOGLE_TOKEN_URI, &jwt);
         assert_eq!(req.url, GOOGLE_TOKEN_URI);
-        assert_eq!(
-            req.header_value("content-type"),
-            Some("application/x-www-form-urlencoded")
-        );
-        let form: Vec<(String, String)> = url::form_urlencoded::parse(&req.body)
-            .into_owned()
-            .collect();
+        assert_eq!(req.header_value("content-type"), Some("application/x-www-form-urlencoded"));
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(&req.body).into_owned().collect();
         assert_eq!(form[0], ("grant_type".into(), JWT_BEARER.into()));
         assert_eq!(form[1], ("assertion".into(), jwt.expose().to_string()));
     }
@@ -557,10 +457,7 @@ pub(crate) mod tests {
         let calls = AtomicUsize::new(0);
         let fetch = |req: HttpRequest| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
-            assert_eq!(
-                req.url, "http://127.0.0.1:9999/token",
-                "config overrides token_uri"
-            );
+            assert_eq!(req.url, "http://127.0.0.1:9999/token", "config overrides token_uri");
             async move { Ok(granted(&format!("ya29.t{n}"), 3600)) }
         };
         assert_eq!(cache.token_with(fetch).await.unwrap().expose(), "ya29.t0");
@@ -578,29 +475,11 @@ pub(crate) mod tests {
     async fn google_token_errors_say_whether_to_retry() {
         let cache = GoogleTokenCache::new(&fcm_config(), ManualClock::new(t0())).unwrap();
         let bad = r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#;
-        let err = cache
-            .token_with(|_| async { Ok(HttpResponse::new(400, bad)) })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, ProviderError::Auth { retryable: false, reason } if reason.contains("Invalid JWT Signature")),
-            "{err}"
-        );
-        let err = cache
-            .token_with(|_| async { Ok(HttpResponse::new(503, "busy")) })
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            ProviderError::Auth {
-                retryable: true,
-                ..
-            }
-        ));
-        let err = cache
-            .token_with(|_| async { Err(ProviderError::Timeout(Duration::from_secs(1))) })
-            .await
-            .unwrap_err();
+        let err = cache.token_with(|_| async { Ok(HttpResponse::new(400, bad)) }).await.unwrap_err();
+        assert!(matches!(&err, ProviderError::Auth { retryable: false, reason } if reason.contains("Invalid JWT Signature")), "{err}");
+        let err = cache.token_with(|_| async { Ok(HttpResponse::new(503, "busy")) }).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Auth { retryable: true, .. }));
+        let err = cache.token_with(|_| async { Err(ProviderError::Timeout(Duration::from_secs(1))) }).await.unwrap_err();
         assert!(matches!(err, ProviderError::Timeout(_)));
     }
 }

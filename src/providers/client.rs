@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use super::auth::{self, ApnsTokenCache, Clock, GoogleTokenCache, SystemClock};
 use super::{
-    apns, configured, fcm, mandrill, sendgrid, twilio, vonage, Classification, HttpConfig,
-    HttpRequest, HttpResponse, Provider, ProviderError, ProvidersConfig,
+    apns, configured, fcm, mandrill, sendgrid, twilio, vonage, Classification, HttpConfig, HttpRequest, HttpResponse, Provider, ProviderError,
+    ProvidersConfig,
 };
 use crate::model::ChannelDelivery;
 
@@ -18,11 +18,7 @@ use crate::model::ChannelDelivery;
 /// # Errors
 /// [`ProviderError::Connect`] / [`ProviderError::Timeout`] / [`ProviderError::Transport`]
 /// (retryable) when no complete answer arrived; any HTTP status is an `Ok` answer.
-pub async fn send(
-    client: &reqwest::Client,
-    req: HttpRequest,
-    timeout: Duration,
-) -> Result<HttpResponse, ProviderError> {
+pub async fn send(client: &reqwest::Client, req: HttpRequest, timeout: Duration) -> Result<HttpResponse, ProviderError> {
     let mut builder = client.request(req.method, &req.url).timeout(timeout);
     for (name, value) in &req.headers {
         builder = builder.header(name, value);
@@ -30,18 +26,9 @@ pub async fn send(
     let err = |e| ProviderError::from_reqwest(e, timeout);
     let resp = builder.body(req.body).send().await.map_err(err)?;
     let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
+    let headers = resp.headers().iter().filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))).collect();
     let body = resp.bytes().await.map_err(err)?.to_vec();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-        received_at: SystemTime::now(),
-    })
+    Ok(HttpResponse { status, headers, body, received_at: SystemTime::now() })
 }
 
 /// The HTTP clients and credential caches of the enabled providers: what a dispatcher holds.
@@ -59,23 +46,11 @@ impl Clients {
         Self::build_with_clock(cfg, enabled, Arc::new(SystemClock))
     }
 
-    pub fn build_with_clock(
-        cfg: &ProvidersConfig,
-        enabled: &[Provider],
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, ProviderError> {
-        let mut clients = Clients {
-            cfg: cfg.clone(),
-            http: HashMap::new(),
-            apns_tokens: None,
-            google_tokens: None,
-            clock: clock.clone(),
-        };
+    pub fn build_with_clock(cfg: &ProvidersConfig, enabled: &[Provider], clock: Arc<dyn Clock>) -> Result<Self, ProviderError> {
+        let mut clients = Clients { cfg: cfg.clone(), http: HashMap::new(), apns_tokens: None, google_tokens: None, clock: clock.clone() };
         for &p in enabled {
             match p {
-                Provider::Apns => {
-                    clients.apns_tokens = Some(ApnsTokenCache::new(&cfg.apns, clock.clone())?)
-                }
+                Provider::Apns => clients.apns_tokens = Some(ApnsTokenCache::new(&cfg.apns, clock.clone())?),
                 Provider::Fcm => {
                     let cache = GoogleTokenCache::new(&cfg.fcm, clock.clone())?;
                     let project = &mut clients.cfg.fcm.project_id;
@@ -104,11 +79,7 @@ impl Clients {
     /// Builds, sends and classifies one delivery. On [`Classification::Reauth`] the
     /// credential is refreshed and the request sent once more (a rejected credential
     /// means nothing was sent); the second answer is final.
-    pub async fn deliver(
-        &self,
-        p: Provider,
-        d: &ChannelDelivery,
-    ) -> Result<Classification, ProviderError> {
+    pub async fn deliver(&self, p: Provider, d: &ChannelDelivery) -> Result<Classification, ProviderError> {
         let first = self.attempt(p, d).await?;
         if matches!(first, Classification::Reauth { .. }) && self.refresh(p).await {
             tracing::info!(provider = %p, "credential rejected; refreshed it, sending once more");
@@ -130,11 +101,7 @@ impl Clients {
         }
     }
 
-    async fn attempt(
-        &self,
-        p: Provider,
-        d: &ChannelDelivery,
-    ) -> Result<Classification, ProviderError> {
+    async fn attempt(&self, p: Provider, d: &ChannelDelivery) -> Result<Classification, ProviderError> {
         let client = self.client(p)?;
         let now_ms = auth::epoch_ms(self.clock.now());
         let cfg = &self.cfg;
@@ -168,11 +135,7 @@ fn not_enabled(p: Provider) -> ProviderError {
 /// One provider's reqwest client: connection reuse, timeouts, no redirects (a redirect
 /// must never carry credentials elsewhere), extra roots for a sandbox CA. APNs speaks
 /// HTTP/2 only: h2c (prior knowledge) for an `http://` sandbox, ALPN h2 over TLS otherwise.
-fn http_client(
-    p: Provider,
-    base_url: &str,
-    http: &HttpConfig,
-) -> Result<reqwest::Client, ProviderError> {
+fn http_client(p: Provider, base_url: &str, http: &HttpConfig) -> Result<reqwest::Client, ProviderError> {
     let mut b = reqwest::Client::builder()
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_millis(http.connect_timeout_ms))
@@ -182,27 +145,18 @@ fn http_client(
         .redirect(reqwest::redirect::Policy::none());
     if p == Provider::Apns {
         // Apple wants long-lived connections: keep them alive with HTTP/2 PINGs.
-        b = b
-            .http2_keep_alive_interval(Duration::from_secs(60))
-            .http2_keep_alive_while_idle(true);
+        b = b.http2_keep_alive_interval(Duration::from_secs(60)).http2_keep_alive_while_idle(true);
         if base_url.starts_with("http://") {
             b = b.http2_prior_knowledge();
         }
     }
     if let Some(path) = &http.root_ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            ProviderError::Config(format!(
-                "{p}: cannot read root_ca_file {}: {e}",
-                path.display()
-            ))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            ProviderError::Config(format!("{p}: root_ca_file {}: {e}", path.display()))
-        })?;
+        let pem = std::fs::read(path).map_err(|e| ProviderError::Config(format!("{p}: cannot read root_ca_file {}: {e}", path.display())))?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ProviderError::Config(format!("{p}: root_ca_file {}: {e}", path.display())))?;
         b = b.tls_certs_merge(certs);
     }
-    b.build()
-        .map_err(|e| ProviderError::Config(format!("{p}: HTTP client: {e}")))
+    b.build().map_err(|e| ProviderError::Config(format!("{p}: HTTP client: {e}")))
 }
 
 #[cfg(test)]
@@ -235,11 +189,7 @@ mod tests {
                 let mut seen = seen.lock().unwrap();
                 seen.push((req.version(), auth));
                 match seen.len() {
-                    1 => (
-                        axum::http::StatusCode::FORBIDDEN,
-                        r#"{"reason":"ExpiredProviderToken"}"#,
-                    )
-                        .into_response(),
+                    1 => (axum::http::StatusCode::FORBIDDEN, r#"{"reason":"ExpiredProviderToken"}"#).into_response(),
                     _ => (axum::http::StatusCode::OK, [("apns-id", id)]).into_response(),
                 }
             }),
@@ -249,19 +199,13 @@ mod tests {
         let clock = auth::ManualClock::new(auth::tests::t0());
         let clients = Clients::build_with_clock(&cfg, &[Provider::Apns], clock.clone()).unwrap();
         clock.advance(Duration::from_secs(21 * 60)); // past the 20-minute re-mint floor
-        let content = RenderedContent {
-            title: Some("Hi".into()),
-            ..Default::default()
-        };
+        let content = RenderedContent { title: Some("Hi".into()), ..Default::default() };
         let d = delivery("apns", "ab12", content);
         let class = clients.deliver(Provider::Apns, &d).await.unwrap();
         assert_eq!(class, Classification::sent(apns::apns_id("d-42")));
         let seen = log.lock().unwrap();
         assert_eq!(seen.len(), 2);
-        assert!(
-            seen.iter().all(|(v, _)| *v == axum::http::Version::HTTP_2),
-            "h2c: {seen:?}"
-        );
+        assert!(seen.iter().all(|(v, _)| *v == axum::http::Version::HTTP_2), "h2c: {seen:?}");
         assert_ne!(seen[0].1, seen[1].1, "the rejected token was replaced");
     }
 
@@ -297,43 +241,21 @@ mod tests {
         let base = serve(app).await;
         let mut cfg = ProvidersConfig::default();
         cfg.fcm.base_url = base.clone();
-        cfg.fcm.service_account_json =
-            Secret::new(auth::tests::service_account_json(&format!("{base}/token")));
+        cfg.fcm.service_account_json = Secret::new(auth::tests::service_account_json(&format!("{base}/token")));
         let clients = Clients::build(&cfg, &[Provider::Fcm]).unwrap();
-        let content = RenderedContent {
-            body: Some("Hi".into()),
-            ..Default::default()
-        };
+        let content = RenderedContent { body: Some("Hi".into()), ..Default::default() };
         let d = delivery("fcm", "fcm-token", content);
-        assert_eq!(
-            clients.deliver(Provider::Fcm, &d).await.unwrap(),
-            Classification::sent("m-1")
-        );
-        assert_eq!(
-            clients.deliver(Provider::Fcm, &d).await.unwrap(),
-            Classification::sent("m-1")
-        );
+        assert_eq!(clients.deliver(Provider::Fcm, &d).await.unwrap(), Classification::sent("m-1"));
+        assert_eq!(clients.deliver(Provider::Fcm, &d).await.unwrap(), Classification::sent("m-1"));
         let seen: Vec<String> = log.lock().unwrap().iter().map(|(_, s)| s.clone()).collect();
-        assert_eq!(
-            seen,
-            [
-                "token",
-                "Bearer ya29.n1",
-                "token",
-                "Bearer ya29.n2",
-                "Bearer ya29.n2"
-            ]
-        );
+        assert_eq!(seen, ["token", "Bearer ya29.n1", "token", "Bearer ya29.n2", "Bearer ya29.n2"]);
     }
 
     #[test]
     fn clients_build_only_what_is_enabled_and_name_missing_settings() {
         let mut cfg = ProvidersConfig::default();
         let err = Clients::build(&cfg, &[Provider::Twilio]).err().unwrap();
-        assert!(
-            err.to_string().contains("providers.twilio.account_sid"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("providers.twilio.account_sid"), "{err}");
         cfg.twilio.account_sid = "AC1".into();
         cfg.twilio.auth_token = Secret::new("t");
         cfg.twilio.from = Some("+15550000000".into());

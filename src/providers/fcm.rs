@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::{
-    configured, endpoint, seconds_left, Classification, HttpConfig, HttpRequest, HttpResponse,
-    ProviderError, Push,
-};
+use super::{configured, endpoint, seconds_left, Classification, HttpConfig, HttpRequest, HttpResponse, ProviderError, Push};
 use crate::config::Secret;
 use crate::model::ChannelDelivery;
 
@@ -52,9 +49,7 @@ impl Default for FcmConfig {
 
 /// Data keys FCM reserves (INVALID_ARGUMENT if sent).
 fn reserved(key: &str) -> bool {
-    matches!(key, "from" | "notification" | "message_type")
-        || key.starts_with("google")
-        || key.starts_with("gcm")
+    matches!(key, "from" | "notification" | "message_type") || key.starts_with("google") || key.starts_with("gcm")
 }
 
 /// The send request for one device, authorised by the OAuth2 access `token`; the Android
@@ -63,18 +58,11 @@ fn reserved(key: &str) -> bool {
 /// # Errors
 /// `Config` without a project id, `InvalidDelivery` for missing content or a reserved
 /// data key, `InvalidAddress` for an empty token.
-pub fn build_request(
-    cfg: &FcmConfig,
-    d: &ChannelDelivery,
-    token: &Secret,
-    now_ms: i64,
-) -> Result<HttpRequest, ProviderError> {
+pub fn build_request(cfg: &FcmConfig, d: &ChannelDelivery, token: &Secret, now_ms: i64) -> Result<HttpRequest, ProviderError> {
     let project = configured(&cfg.project_id, "providers.fcm.project_id")?;
     let push = Push::of(d)?;
     if let Some(key) = push.data.keys().find(|k| reserved(k)) {
-        return Err(ProviderError::InvalidDelivery(format!(
-            "data key '{key}' is reserved by FCM"
-        )));
+        return Err(ProviderError::InvalidDelivery(format!("data key '{key}' is reserved by FCM")));
     }
     let mut notification = Map::new();
     if let Some(t) = push.title {
@@ -104,39 +92,24 @@ pub fn build_request(
     if !push.data.is_empty() {
         message["data"] = json!(push.data);
     }
-    let url = endpoint(
-        &cfg.base_url,
-        &format!("v1/projects/{project}/messages:send"),
-    );
-    Ok(HttpRequest::post(url)
-        .header("authorization", format!("Bearer {}", token.expose()))
-        .json(&json!({ "message": message })))
+    let url = endpoint(&cfg.base_url, &format!("v1/projects/{project}/messages:send"));
+    Ok(HttpRequest::post(url).header("authorization", format!("Bearer {}", token.expose())).json(&json!({ "message": message })))
 }
 
 /// Maps an FCM answer to its class: `FcmError.errorCode` first, then `error.status`.
 pub fn classify(resp: &HttpResponse) -> Classification {
     let json = resp.json();
     if resp.status == 200 {
-        let name = json
-            .as_ref()
-            .and_then(|v| v["name"].as_str())
-            .unwrap_or_default();
+        let name = json.as_ref().and_then(|v| v["name"].as_str()).unwrap_or_default();
         return Classification::sent(name.rsplit('/').next().unwrap_or_default());
     }
     let error = json.as_ref().map(|v| &v["error"]).filter(|e| e.is_object());
     let field = |k: &str| error.and_then(|e| e[k].as_str()).unwrap_or_default();
     let (status, message) = (field("status"), field("message"));
-    let details = error
-        .and_then(|e| e["details"].as_array())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let details = error.and_then(|e| e["details"].as_array()).map(Vec::as_slice).unwrap_or_default();
     let error_code = details
         .iter()
-        .find(|d| {
-            d["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("google.firebase.fcm.v1.FcmError"))
-        })
+        .find(|d| d["@type"].as_str().is_some_and(|t| t.ends_with("google.firebase.fcm.v1.FcmError")))
         .and_then(|d| d["errorCode"].as_str());
     let code = error_code.unwrap_or(status);
     let why = format!("FCM {} {code}: {message}", resp.status);
@@ -149,9 +122,7 @@ pub fn classify(resp: &HttpResponse) -> Classification {
         "SENDER_ID_MISMATCH" => Classification::invalid(why),
         "INVALID_ARGUMENT" if about_the_token(message, details) => Classification::invalid(why),
         "INVALID_ARGUMENT" | "THIRD_PARTY_AUTH_ERROR" => Classification::permanent(why),
-        "QUOTA_EXCEEDED" | "RESOURCE_EXHAUSTED" => {
-            Classification::throttled(resp.retry_after(), why)
-        }
+        "QUOTA_EXCEEDED" | "RESOURCE_EXHAUSTED" => Classification::throttled(resp.retry_after(), why),
         // RETRY; a Retry-After, when FCM sends one, must be honoured, and only Throttled
         // carries a delay.
         "UNAVAILABLE" | "INTERNAL" | "UNSPECIFIED_ERROR" => match resp.retry_after() {
@@ -166,11 +137,7 @@ pub fn classify(resp: &HttpResponse) -> Classification {
 /// Whether an INVALID_ARGUMENT names the registration token (DEACTIVATE) rather than
 /// another field (FAIL).
 fn about_the_token(message: &str, details: &[Value]) -> bool {
-    let violation = details.iter().any(|d| {
-        d["fieldViolations"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|f| f["field"] == "message.token"))
-    });
+    let violation = details.iter().any(|d| d["fieldViolations"].as_array().is_some_and(|v| v.iter().any(|f| f["field"] == "message.token")));
     violation || message.to_ascii_lowercase().contains("registration token")
 }
 
@@ -183,47 +150,23 @@ mod tests {
     use crate::providers::tests::{body_json, delivery, resp, NOW_MS};
 
     fn cfg() -> FcmConfig {
-        FcmConfig {
-            project_id: "herald-test".into(),
-            ..FcmConfig::default()
-        }
+        FcmConfig { project_id: "herald-test".into(), ..FcmConfig::default() }
     }
 
     fn push_delivery() -> ChannelDelivery {
-        let mut content = RenderedContent {
-            title: Some("Shipped".into()),
-            body: Some("On its way".into()),
-            ..Default::default()
-        };
+        let mut content = RenderedContent { title: Some("Shipped".into()), body: Some("On its way".into()), ..Default::default() };
         content.data.insert("order_id".into(), "o-9".into());
-        content
-            .data
-            .insert("collapse_id".into(), "order-o-9".into());
+        content.data.insert("collapse_id".into(), "order-o-9".into());
         delivery("fcm", "fcm-token-1", content)
     }
 
     #[test]
     fn builds_the_v1_send_request() {
-        let req = build_request(
-            &cfg(),
-            &push_delivery(),
-            &Secret::new("ya29.access"),
-            NOW_MS,
-        )
-        .unwrap();
-        assert_eq!(
-            req.url,
-            "https://fcm.googleapis.com/v1/projects/herald-test/messages:send"
-        );
+        let req = build_request(&cfg(), &push_delivery(), &Secret::new("ya29.access"), NOW_MS).unwrap();
+        assert_eq!(req.url, "https://fcm.googleapis.com/v1/projects/herald-test/messages:send");
         assert_eq!(
             req.headers,
-            [
-                (
-                    "authorization".to_string(),
-                    "Bearer ya29.access".to_string()
-                ),
-                ("content-type".to_string(), "application/json".to_string()),
-            ]
+            [("authorization".to_string(), "Bearer ya29.access".to_string()), ("content-type".to_string(), "application/json".to_string()),]
         );
         let expiration = ((NOW_MS + 3_600_000) / 1000).to_string();
         assert_eq!(
@@ -249,26 +192,14 @@ mod tests {
         d.content.data.clear();
         d.deadline = NOW_MS - 1;
         let body = body_json(&build_request(&cfg(), &d, &Secret::new("t"), NOW_MS).unwrap());
-        assert_eq!(
-            body["message"]["android"],
-            json!({"priority": "NORMAL", "ttl": "0s"})
-        );
+        assert_eq!(body["message"]["android"], json!({"priority": "NORMAL", "ttl": "0s"}));
         assert_eq!(body["message"]["apns"]["headers"]["apns-priority"], "5");
         assert!(body["message"].get("data").is_none());
 
         d.content.data.insert("google.c.a".into(), "x".into());
         let err = build_request(&cfg(), &d, &Secret::new("t"), NOW_MS).unwrap_err();
-        assert!(
-            matches!(err, ProviderError::InvalidDelivery(ref m) if m.contains("google.c.a")),
-            "{err}"
-        );
-        let err = build_request(
-            &FcmConfig::default(),
-            &push_delivery(),
-            &Secret::new("t"),
-            NOW_MS,
-        )
-        .unwrap_err();
+        assert!(matches!(err, ProviderError::InvalidDelivery(ref m) if m.contains("google.c.a")), "{err}");
+        let err = build_request(&FcmConfig::default(), &push_delivery(), &Secret::new("t"), NOW_MS).unwrap_err();
         assert!(matches!(err, ProviderError::Config(_)));
     }
 
@@ -285,136 +216,41 @@ mod tests {
 
     #[test]
     fn classifies_every_error_code_in_the_table() {
-        let ok = resp(
-            200,
-            r#"{"name":"projects/herald-test/messages/0:1500415314455276%31bd1c9631bd1c96"}"#,
-        );
-        assert_eq!(
-            classify(&ok),
-            Classification::sent("0:1500415314455276%31bd1c9631bd1c96")
-        );
+        let ok = resp(200, r#"{"name":"projects/herald-test/messages/0:1500415314455276%31bd1c9631bd1c96"}"#);
+        assert_eq!(classify(&ok), Classification::sent("0:1500415314455276%31bd1c9631bd1c96"));
         let table: &[(u16, &str, Option<&str>, &str, &str)] = &[
-            (
-                404,
-                "NOT_FOUND",
-                Some("UNREGISTERED"),
-                "Requested entity was not found.",
-                "invalid_address",
-            ),
-            (
-                400,
-                "INVALID_ARGUMENT",
-                Some("INVALID_ARGUMENT"),
-                "The registration token is not a valid FCM registration token",
-                "invalid_address",
-            ),
-            (
-                400,
-                "INVALID_ARGUMENT",
-                Some("INVALID_ARGUMENT"),
-                "Invalid value at 'message.android.ttl'",
-                "permanent",
-            ),
-            (
-                400,
-                "INVALID_ARGUMENT",
-                None,
-                "Request contains an invalid argument.",
-                "permanent",
-            ),
-            (
-                403,
-                "PERMISSION_DENIED",
-                Some("SENDER_ID_MISMATCH"),
-                "SenderId mismatch",
-                "invalid_address",
-            ),
-            (
-                429,
-                "RESOURCE_EXHAUSTED",
-                Some("QUOTA_EXCEEDED"),
-                "Quota exceeded",
-                "throttled",
-            ),
-            (
-                503,
-                "UNAVAILABLE",
-                Some("UNAVAILABLE"),
-                "The service is currently unavailable.",
-                "transient",
-            ),
-            (
-                500,
-                "INTERNAL",
-                Some("INTERNAL"),
-                "Internal error",
-                "transient",
-            ),
-            (
-                401,
-                "UNAUTHENTICATED",
-                Some("THIRD_PARTY_AUTH_ERROR"),
-                "Auth error from APNS or Web Push Service",
-                "permanent",
-            ),
-            (
-                401,
-                "UNAUTHENTICATED",
-                None,
-                "Request had invalid authentication credentials.",
-                "reauth",
-            ),
+            (404, "NOT_FOUND", Some("UNREGISTERED"), "Requested entity was not found.", "invalid_address"),
+            (400, "INVALID_ARGUMENT", Some("INVALID_ARGUMENT"), "The registration token is not a valid FCM registration token", "invalid_address"),
+            (400, "INVALID_ARGUMENT", Some("INVALID_ARGUMENT"), "Invalid value at 'message.android.ttl'", "permanent"),
+            (400, "INVALID_ARGUMENT", None, "Request contains an invalid argument.", "permanent"),
+            (403, "PERMISSION_DENIED", Some("SENDER_ID_MISMATCH"), "SenderId mismatch", "invalid_address"),
+            (429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"), "Quota exceeded", "throttled"),
+            (503, "UNAVAILABLE", Some("UNAVAILABLE"), "The service is currently unavailable.", "transient"),
+            (500, "INTERNAL", Some("INTERNAL"), "Internal error", "transient"),
+            (401, "UNAUTHENTICATED", Some("THIRD_PARTY_AUTH_ERROR"), "Auth error from APNS or Web Push Service", "permanent"),
+            (401, "UNAUTHENTICATED", None, "Request had invalid authentication credentials.", "reauth"),
             (500, "UNKNOWN", Some("UNSPECIFIED_ERROR"), "?", "transient"),
-            (
-                403,
-                "PERMISSION_DENIED",
-                None,
-                "Permission denied on resource project",
-                "permanent",
-            ),
+            (403, "PERMISSION_DENIED", None, "Permission denied on resource project", "permanent"),
         ];
         for (status, top, code, message, class) in table {
             let c = classify(&error(*status, top, *code, message));
             assert_eq!(c.label(), *class, "{status} {top} {code:?} {message}");
         }
-        let c = classify(&error(
-            404,
-            "NOT_FOUND",
-            Some("UNREGISTERED"),
-            "Requested entity was not found.",
-        ));
-        assert_eq!(
-            c.reason(),
-            Some("FCM 404 UNREGISTERED: Requested entity was not found.")
-        );
+        let c = classify(&error(404, "NOT_FOUND", Some("UNREGISTERED"), "Requested entity was not found."));
+        assert_eq!(c.reason(), Some("FCM 404 UNREGISTERED: Requested entity was not found."));
 
         // A field violation on message.token is about the token, whatever the message says.
         let violation = json!({"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "bad request",
             "details": [{"@type": "type.googleapis.com/google.rpc.BadRequest",
                          "fieldViolations": [{"field": "message.token", "description": "Invalid registration token"}]}]}});
-        assert_eq!(
-            classify(&resp(400, &violation.to_string())).label(),
-            "invalid_address"
-        );
+        assert_eq!(classify(&resp(400, &violation.to_string())).label(), "invalid_address");
 
-        let quota = error(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"), "q")
-            .with_header("Retry-After", "42");
-        assert!(
-            matches!(classify(&quota), Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(42))
-        );
-        let busy =
-            error(503, "UNAVAILABLE", Some("UNAVAILABLE"), "u").with_header("retry-after", "10");
-        assert!(
-            matches!(classify(&busy), Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(10))
-        );
-        assert_eq!(
-            classify(&resp(502, "<html>Bad Gateway</html>")).label(),
-            "transient"
-        );
-        assert_eq!(
-            classify(&resp(504, "<html>Gateway Timeout</html>")).label(),
-            "transient"
-        );
+        let quota = error(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"), "q").with_header("Retry-After", "42");
+        assert!(matches!(classify(&quota), Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(42)));
+        let busy = error(503, "UNAVAILABLE", Some("UNAVAILABLE"), "u").with_header("retry-after", "10");
+        assert!(matches!(classify(&busy), Classification::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(10)));
+        assert_eq!(classify(&resp(502, "<html>Bad Gateway</html>")).label(), "transient");
+        assert_eq!(classify(&resp(504, "<html>Gateway Timeout</html>")).label(), "transient");
         assert_eq!(classify(&resp(401, "")).label(), "reauth");
     }
 }

@@ -4,10 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{
-    configured, endpoint, Classification, Email, HttpConfig, HttpRequest, HttpResponse,
-    ProviderError,
-};
+use super::{configured, endpoint, Classification, Email, HttpConfig, HttpRequest, HttpResponse, ProviderError};
 use crate::config::Secret;
 use crate::model::ChannelDelivery;
 
@@ -45,10 +42,7 @@ impl MandrillConfig {
 }
 
 /// The send request for one recipient; Mandrill's tracking is off (herald tracks).
-pub fn build_request(
-    cfg: &MandrillConfig,
-    d: &ChannelDelivery,
-) -> Result<HttpRequest, ProviderError> {
+pub fn build_request(cfg: &MandrillConfig, d: &ChannelDelivery) -> Result<HttpRequest, ProviderError> {
     let email = Email::of(d)?;
     let mut message = json!({
         "subject": email.subject,
@@ -60,11 +54,7 @@ pub fn build_request(
         "track_opens": false,
         "track_clicks": false,
     });
-    for (key, value) in [
-        ("html", email.html),
-        ("text", email.text),
-        ("from_name", cfg.from_name.as_deref()),
-    ] {
+    for (key, value) in [("html", email.html), ("text", email.text), ("from_name", cfg.from_name.as_deref())] {
         if let Some(v) = value {
             message[key] = v.into();
         }
@@ -77,10 +67,7 @@ pub fn build_request(
 /// on 200, the error `name` otherwise.
 pub fn classify(resp: &HttpResponse) -> Classification {
     let json = resp.json();
-    let first = json
-        .as_ref()
-        .and_then(|v| v.as_array())
-        .and_then(|a| a.first());
+    let first = json.as_ref().and_then(|v| v.as_array()).and_then(|a| a.first());
     match (resp.status, first) {
         (200, Some(r)) => recipient(r),
         _ => error(resp, json.as_ref()),
@@ -93,9 +80,7 @@ fn recipient(r: &Value) -> Classification {
     let why = format!("Mandrill {status} {reject}").trim_end().to_string();
     match (status, reject) {
         // `queued` includes quota holds (hourly-quota-exhausted): Mandrill sends it later.
-        ("sent" | "queued" | "scheduled", _) => {
-            Classification::sent(r["_id"].as_str().unwrap_or_default())
-        }
+        ("sent" | "queued" | "scheduled", _) => Classification::sent(r["_id"].as_str().unwrap_or_default()),
         ("invalid", _) => Classification::invalid(why),
         ("rejected", "hard-bounce" | "spam" | "unsub" | "invalid") => Classification::invalid(why),
         ("rejected", "soft-bounce") => Classification::transient(why),
@@ -150,10 +135,7 @@ mod tests {
     fn builds_the_send_request() {
         let req = build_request(&cfg(), &mail()).unwrap();
         assert_eq!(req.url, "https://mandrillapp.com/api/1.0/messages/send");
-        assert_eq!(
-            req.headers,
-            [("content-type".to_string(), "application/json".to_string())]
-        );
+        assert_eq!(req.headers, [("content-type".to_string(), "application/json".to_string())]);
         assert_eq!(
             body_json(&req),
             json!({"key": "md-secret", "message": {
@@ -170,25 +152,11 @@ mod tests {
                 "track_clicks": false,
             }})
         );
-        assert!(
-            !format!("{req:?}").contains("md-secret"),
-            "the key is in the body; Debug omits it"
-        );
+        assert!(!format!("{req:?}").contains("md-secret"), "the key is in the body; Debug omits it");
         let mut d = mail();
         d.content.html = None;
-        let body = body_json(
-            &build_request(
-                &MandrillConfig {
-                    from_name: None,
-                    ..cfg()
-                },
-                &d,
-            )
-            .unwrap(),
-        );
-        assert!(
-            body["message"].get("html").is_none() && body["message"].get("from_name").is_none()
-        );
+        let body = body_json(&build_request(&MandrillConfig { from_name: None, ..cfg() }, &d).unwrap());
+        assert!(body["message"].get("html").is_none() && body["message"].get("from_name").is_none());
     }
 
     fn answer(status: &str, reject: Option<&str>) -> HttpResponse {
@@ -200,15 +168,9 @@ mod tests {
     #[test]
     fn classifies_every_status_and_reject_reason() {
         for status in ["sent", "queued", "scheduled"] {
-            assert_eq!(
-                classify(&answer(status, None)),
-                Classification::sent("abc123abc123abc123abc123abc123ab")
-            );
+            assert_eq!(classify(&answer(status, None)), Classification::sent("abc123abc123abc123abc123abc123ab"));
         }
-        assert_eq!(
-            classify(&answer("invalid", None)),
-            Classification::invalid("Mandrill invalid")
-        );
+        assert_eq!(classify(&answer("invalid", None)), Classification::invalid("Mandrill invalid"));
         for (reject, class) in [
             ("hard-bounce", "invalid_address"),
             ("spam", "invalid_address"),
@@ -224,20 +186,12 @@ mod tests {
             let c = classify(&answer("rejected", Some(reject)));
             assert_eq!(c.label(), class, "{reject}");
         }
-        assert_eq!(
-            classify(&answer("rejected", Some("spam"))).reason(),
-            Some("Mandrill rejected spam")
-        );
+        assert_eq!(classify(&answer("rejected", Some("spam"))).reason(), Some("Mandrill rejected spam"));
     }
 
     #[test]
     fn classifies_error_bodies_by_name() {
-        let err = |name: &str| {
-            resp(
-                500,
-                &json!({"status": "error", "code": -1, "name": name, "message": "m"}).to_string(),
-            )
-        };
+        let err = |name: &str| resp(500, &json!({"status": "error", "code": -1, "name": name, "message": "m"}).to_string());
         for (name, class) in [
             ("ValidationError", "permanent"),
             ("Invalid_Key", "auth_failed"),
@@ -250,10 +204,7 @@ mod tests {
         ] {
             assert_eq!(classify(&err(name)).label(), class, "{name}");
         }
-        assert_eq!(
-            classify(&err("Invalid_Key")),
-            Classification::auth_failed("Mandrill Invalid_Key: m")
-        );
+        assert_eq!(classify(&err("Invalid_Key")), Classification::auth_failed("Mandrill Invalid_Key: m"));
         assert_eq!(classify(&resp(503, "<html>")).label(), "transient");
         assert_eq!(classify(&resp(200, "[]")).label(), "permanent");
     }

@@ -53,14 +53,7 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub const ALL: [Provider; 6] = [
-        Provider::Apns,
-        Provider::Fcm,
-        Provider::Twilio,
-        Provider::Vonage,
-        Provider::Sendgrid,
-        Provider::Mandrill,
-    ];
+    pub const ALL: [Provider; 6] = [Provider::Apns, Provider::Fcm, Provider::Twilio, Provider::Vonage, Provider::Sendgrid, Provider::Mandrill];
 
     /// The name used in config, metrics labels and outcomes.
     pub fn name(self) -> &'static str {
@@ -86,9 +79,7 @@ impl Provider {
 
     /// The providers of a channel, in config order.
     pub fn for_channel(channel: &str) -> impl Iterator<Item = Provider> + '_ {
-        Provider::ALL
-            .into_iter()
-            .filter(move |p| p.channel() == channel)
+        Provider::ALL.into_iter().filter(move |p| p.channel() == channel)
     }
 
     /// Classifies a response of this provider.
@@ -113,10 +104,7 @@ impl fmt::Display for Provider {
 impl FromStr for Provider {
     type Err = ProviderError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Provider::ALL
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| ProviderError::Config(format!("unknown provider '{s}'")))
+        Provider::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| ProviderError::Config(format!("unknown provider '{s}'")))
     }
 }
 
@@ -164,12 +152,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            connect_timeout_ms: 5_000,
-            request_timeout_ms: 10_000,
-            pool_max_idle_per_host: 4096,
-            root_ca_file: None,
-        }
+        HttpConfig { connect_timeout_ms: 5_000, request_timeout_ms: 10_000, pool_max_idle_per_host: 4096, root_ca_file: None }
     }
 }
 
@@ -190,12 +173,7 @@ pub struct HttpRequest {
 
 impl HttpRequest {
     pub fn post(url: impl Into<String>) -> Self {
-        HttpRequest {
-            method: Method::POST,
-            url: url.into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
+        HttpRequest { method: Method::POST, url: url.into(), headers: Vec::new(), body: Vec::new() }
     }
 
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -213,10 +191,7 @@ impl HttpRequest {
     /// Sets an `application/x-www-form-urlencoded` body.
     pub fn form<'a>(self, fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         let mut r = self.header("content-type", "application/x-www-form-urlencoded");
-        r.body = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(fields)
-            .finish()
-            .into_bytes();
+        r.body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish().into_bytes();
         r
     }
 
@@ -258,12 +233,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// A response received now (tests and fakes).
     pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        HttpResponse {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-            received_at: SystemTime::now(),
-        }
+        HttpResponse { status, headers: Vec::new(), body: body.into(), received_at: SystemTime::now() }
     }
 
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
@@ -290,9 +260,7 @@ impl HttpResponse {
     fn summary(&self) -> String {
         let text = String::from_utf8_lossy(&self.body);
         let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        format!("HTTP {}: {}", self.status, truncate(&text, 120))
-            .trim_end_matches(": ")
-            .to_string()
+        format!("HTTP {}: {}", self.status, truncate(&text, 120)).trim_end_matches(": ").to_string()
     }
 }
 
@@ -307,10 +275,7 @@ impl fmt::Debug for HttpResponse {
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// `Retry-After`: delay-seconds or an HTTP-date (relative to `now`; past dates give zero).
@@ -338,10 +303,7 @@ pub enum Classification {
     /// email); disable it, do not retry.
     InvalidAddress { reason: String },
     /// THROTTLE: retry after `retry_after` (from the provider) or a backoff of our own.
-    Throttled {
-        retry_after: Option<Duration>,
-        reason: String,
-    },
+    Throttled { retry_after: Option<Duration>, reason: String },
     /// RETRY: a transient failure; back off with jitter and try again.
     Transient { reason: String },
     /// FAIL: bad request or configuration; retrying the same request cannot succeed.
@@ -356,40 +318,25 @@ pub enum Classification {
 
 impl Classification {
     fn sent(id: impl Into<String>) -> Self {
-        Classification::Sent {
-            message_id: id.into(),
-        }
+        Classification::Sent { message_id: id.into() }
     }
     fn invalid(reason: impl Into<String>) -> Self {
-        Classification::InvalidAddress {
-            reason: reason.into(),
-        }
+        Classification::InvalidAddress { reason: reason.into() }
     }
     fn throttled(retry_after: Option<Duration>, reason: impl Into<String>) -> Self {
-        Classification::Throttled {
-            retry_after,
-            reason: reason.into(),
-        }
+        Classification::Throttled { retry_after, reason: reason.into() }
     }
     fn transient(reason: impl Into<String>) -> Self {
-        Classification::Transient {
-            reason: reason.into(),
-        }
+        Classification::Transient { reason: reason.into() }
     }
     fn permanent(reason: impl Into<String>) -> Self {
-        Classification::Permanent {
-            reason: reason.into(),
-        }
+        Classification::Permanent { reason: reason.into() }
     }
     fn reauth(reason: impl Into<String>) -> Self {
-        Classification::Reauth {
-            reason: reason.into(),
-        }
+        Classification::Reauth { reason: reason.into() }
     }
     fn auth_failed(reason: impl Into<String>) -> Self {
-        Classification::AuthFailed {
-            reason: reason.into(),
-        }
+        Classification::AuthFailed { reason: reason.into() }
     }
 
     /// A bounded label for metrics and outcomes.
@@ -454,9 +401,7 @@ pub enum ProviderError {
 impl Classify for ProviderError {
     fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Connect(_) | ProviderError::Timeout(_) | ProviderError::Transport(_) => {
-                true
-            }
+            ProviderError::Connect(_) | ProviderError::Timeout(_) | ProviderError::Transport(_) => true,
             ProviderError::Auth { retryable, .. } => *retryable,
             ProviderError::Config(_)
             | ProviderError::InvalidDelivery(_)
@@ -499,11 +444,7 @@ impl ProviderError {
 
 /// `base` + `path` with exactly one slash between them.
 fn endpoint(base: &str, path: &str) -> String {
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        path.trim_start_matches('/')
-    )
+    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
@@ -517,10 +458,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// A required, non-empty piece of rendered content.
 fn required<'a>(value: &'a Option<String>, what: &str) -> Result<&'a str, ProviderError> {
-    value
-        .as_deref()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| ProviderError::InvalidDelivery(format!("no {what} rendered")))
+    value.as_deref().filter(|v| !v.is_empty()).ok_or_else(|| ProviderError::InvalidDelivery(format!("no {what} rendered")))
 }
 
 /// A required config value.
@@ -547,26 +485,14 @@ impl<'a> Push<'a> {
         let title = c.title.as_deref().filter(|s| !s.is_empty());
         let body = c.body.as_deref().filter(|s| !s.is_empty());
         if title.is_none() && body.is_none() {
-            return Err(ProviderError::InvalidDelivery(
-                "no push title or body rendered".into(),
-            ));
+            return Err(ProviderError::InvalidDelivery("no push title or body rendered".into()));
         }
         if d.address.is_empty() {
             return Err(ProviderError::InvalidAddress("empty device token".into()));
         }
-        let mut data: BTreeMap<&str, &str> = c
-            .data
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let mut data: BTreeMap<&str, &str> = c.data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let collapse_id = data.remove(COLLAPSE_KEY);
-        Ok(Push {
-            title,
-            body,
-            data,
-            collapse_id,
-            immediate: d.priority != Priority::Low,
-        })
+        Ok(Push { title, body, data, collapse_id, immediate: d.priority != Priority::Low })
     }
 }
 
@@ -584,19 +510,12 @@ impl<'a> Email<'a> {
         let present = |v: &'a Option<String>| v.as_deref().filter(|s| !s.is_empty());
         let (text, html) = (present(&c.text), present(&c.html));
         if text.is_none() && html.is_none() {
-            return Err(ProviderError::InvalidDelivery(
-                "no email text or html rendered".into(),
-            ));
+            return Err(ProviderError::InvalidDelivery("no email text or html rendered".into()));
         }
         if !d.address.contains('@') {
             return Err(ProviderError::InvalidAddress("not an email address".into()));
         }
-        Ok(Email {
-            to: &d.address,
-            subject: required(&c.subject, "email subject")?,
-            text,
-            html,
-        })
+        Ok(Email { to: &d.address, subject: required(&c.subject, "email subject")?, text, html })
     }
 }
 
@@ -641,9 +560,7 @@ pub(crate) mod tests {
     }
 
     pub fn form(req: &HttpRequest) -> Vec<(String, String)> {
-        url::form_urlencoded::parse(&req.body)
-            .into_owned()
-            .collect()
+        url::form_urlencoded::parse(&req.body).into_owned().collect()
     }
 
     pub fn resp(status: u16, body: &str) -> HttpResponse {
@@ -666,25 +583,13 @@ pub(crate) mod tests {
     #[test]
     fn retry_after_takes_seconds_or_an_http_date() {
         let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
-            Some(Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
-        assert_eq!(
-            parse_epoch_reset("1445412540", now),
-            Some(Duration::from_secs(60))
-        );
+        assert_eq!(parse_epoch_reset("1445412540", now), Some(Duration::from_secs(60)));
         assert_eq!(parse_epoch_reset("x", now), None);
 
         let mut r = resp(429, "").with_header("Retry-After", "7");
@@ -698,33 +603,19 @@ pub(crate) mod tests {
     fn status_fallback_and_errors_map_to_classes() {
         let c = Classification::by_status(&resp(503, ""), "x".into());
         assert_eq!(c.label(), "transient");
-        let c =
-            Classification::by_status(&resp(429, "").with_header("retry-after", "3"), "x".into());
-        assert_eq!(
-            c,
-            Classification::throttled(Some(Duration::from_secs(3)), "x")
-        );
-        assert_eq!(
-            Classification::by_status(&resp(404, ""), "x".into()).label(),
-            "permanent"
-        );
+        let c = Classification::by_status(&resp(429, "").with_header("retry-after", "3"), "x".into());
+        assert_eq!(c, Classification::throttled(Some(Duration::from_secs(3)), "x"));
+        assert_eq!(Classification::by_status(&resp(404, ""), "x".into()).label(), "permanent");
 
         let timeout = ProviderError::Timeout(Duration::from_secs(5));
         assert!(timeout.is_retryable());
         assert_eq!(timeout.classification().label(), "transient");
-        let big = ProviderError::PayloadTooLarge {
-            size: 5000,
-            limit: 4096,
-        };
+        let big = ProviderError::PayloadTooLarge { size: 5000, limit: 4096 };
         assert!(!big.is_retryable());
         assert_eq!(big.classification().label(), "permanent");
         let addr = ProviderError::InvalidAddress("x".into());
         assert_eq!(addr.classification().label(), "invalid_address");
-        assert!(ProviderError::Auth {
-            reason: "x".into(),
-            retryable: true
-        }
-        .is_retryable());
+        assert!(ProviderError::Auth { reason: "x".into(), retryable: true }.is_retryable());
     }
 
     #[test]
@@ -733,10 +624,7 @@ pub(crate) mod tests {
             .header("Authorization", "bearer sekrit-token")
             .json(&serde_json::json!({"key": "body-secret"}));
         let printed = format!("{req:?} {req:#?}");
-        assert!(
-            !printed.contains("sekrit-token") && !printed.contains("body-secret"),
-            "{printed}"
-        );
+        assert!(!printed.contains("sekrit-token") && !printed.contains("body-secret"), "{printed}");
         assert!(printed.contains("<redacted>") && printed.contains("application/json"));
         let r = resp(200, r#"{"access_token":"ya29.secret"}"#);
         assert!(!format!("{r:?}").contains("ya29"));
@@ -746,10 +634,7 @@ pub(crate) mod tests {
     fn summaries_are_short_and_single_line() {
         let long = format!("<html>\n<body>{}</body></html>", "x".repeat(500));
         let s = resp(502, &long).summary();
-        assert!(
-            s.starts_with("HTTP 502: <html> <body>xxx") && s.len() < 140,
-            "{s}"
-        );
+        assert!(s.starts_with("HTTP 502: <html> <body>xxx") && s.len() < 140, "{s}");
         assert_eq!(resp(500, "").summary(), "HTTP 500");
     }
 
@@ -786,14 +671,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         let printed = format!("{cfg:?} {cfg:#?}");
-        for s in [
-            "apns-pem",
-            "fcm-sa",
-            "twilio-secret",
-            "vonage-secret",
-            "sendgrid-secret",
-            "mandrill-secret",
-        ] {
+        for s in ["apns-pem", "fcm-sa", "twilio-secret", "vonage-secret", "sendgrid-secret", "mandrill-secret"] {
             assert!(!printed.contains(s), "{s} leaked");
         }
     }

@@ -4,10 +4,7 @@
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    configured, endpoint, required, seconds_left, Classification, HttpConfig, HttpRequest,
-    HttpResponse, ProviderError,
-};
+use super::{configured, endpoint, required, seconds_left, Classification, HttpConfig, HttpRequest, HttpResponse, ProviderError};
 use crate::config::Secret;
 use crate::model::ChannelDelivery;
 
@@ -55,20 +52,14 @@ impl TwilioConfig {
         configured(&self.account_sid, "providers.twilio.account_sid")?;
         configured(self.auth_token.expose(), "providers.twilio.auth_token")?;
         if self.from.is_some() == self.messaging_service_sid.is_some() {
-            return Err(ProviderError::Config(
-                "providers.twilio: set exactly one of from and messaging_service_sid".into(),
-            ));
+            return Err(ProviderError::Config("providers.twilio: set exactly one of from and messaging_service_sid".into()));
         }
         Ok(())
     }
 }
 
 /// The create-message request; `ValidityPeriod` runs to the deadline as seen at `now_ms`.
-pub fn build_request(
-    cfg: &TwilioConfig,
-    d: &ChannelDelivery,
-    now_ms: i64,
-) -> Result<HttpRequest, ProviderError> {
+pub fn build_request(cfg: &TwilioConfig, d: &ChannelDelivery, now_ms: i64) -> Result<HttpRequest, ProviderError> {
     let body = required(&d.content.body, "SMS body")?;
     if d.address.is_empty() {
         return Err(ProviderError::InvalidAddress("empty phone number".into()));
@@ -78,11 +69,7 @@ pub fn build_request(
     match (&cfg.from, &cfg.messaging_service_sid) {
         (Some(from), _) => fields.push(("From", from)),
         (None, Some(sid)) => fields.push(("MessagingServiceSid", sid)),
-        (None, None) => {
-            return Err(ProviderError::Config(
-                "providers.twilio.from is not set".into(),
-            ))
-        }
+        (None, None) => return Err(ProviderError::Config("providers.twilio.from is not set".into())),
     }
     fields.push(("Body", body));
     // The callback names the delivery, so the webhook finds it without a lookup by
@@ -96,31 +83,21 @@ pub fn build_request(
     }
     fields.push(("ValidityPeriod", &validity));
     let user = cfg.api_key_sid.as_deref().unwrap_or(&cfg.account_sid);
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("{user}:{}", cfg.auth_token.expose()));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", cfg.auth_token.expose()));
     let path = format!("2010-04-01/Accounts/{}/Messages.json", cfg.account_sid);
-    Ok(HttpRequest::post(endpoint(&cfg.base_url, &path))
-        .header("authorization", format!("Basic {basic}"))
-        .form(fields))
+    Ok(HttpRequest::post(endpoint(&cfg.base_url, &path)).header("authorization", format!("Basic {basic}")).form(fields))
 }
 
 /// Maps a Twilio answer to its class by the error `code`.
 pub fn classify(resp: &HttpResponse) -> Classification {
     let json = resp.json();
     if matches!(resp.status, 200 | 201) {
-        return Classification::sent(
-            json.as_ref()
-                .and_then(|v| v["sid"].as_str())
-                .unwrap_or_default(),
-        );
+        return Classification::sent(json.as_ref().and_then(|v| v["sid"].as_str()).unwrap_or_default());
     }
     let Some(code) = json.as_ref().and_then(|v| v["code"].as_u64()) else {
         return Classification::by_status(resp, resp.summary());
     };
-    let message = json
-        .as_ref()
-        .and_then(|v| v["message"].as_str())
-        .unwrap_or_default();
+    let message = json.as_ref().and_then(|v| v["message"].as_str()).unwrap_or_default();
     let why = format!("Twilio {} {code}: {message}", resp.status);
     match code {
         // Invalid number, not a mobile number, recipient replied STOP.
@@ -151,26 +128,18 @@ mod tests {
     }
 
     fn sms() -> ChannelDelivery {
-        let content = RenderedContent {
-            body: Some("Code: 1234 & more".into()),
-            ..Default::default()
-        };
+        let content = RenderedContent { body: Some("Code: 1234 & more".into()), ..Default::default() };
         delivery("sms", "+15557654321", content)
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn builds_the_create_message_form() {
         let req = build_request(&cfg(), &sms(), NOW_MS).unwrap();
-        assert_eq!(
-            req.url,
-            "https://api.twilio.com/2010-04-01/Accounts/AC0123/Messages.json"
-        );
+        assert_eq!(req.url, "https://api.twilio.com/2010-04-01/Accounts/AC0123/Messages.json");
         assert_eq!(
             req.headers,
             pairs(&[
@@ -195,62 +164,34 @@ mod tests {
 
     #[test]
     fn messaging_service_api_key_and_validity_clamps() {
-        let cfg = TwilioConfig {
-            from: None,
-            messaging_service_sid: Some("MG9".into()),
-            api_key_sid: Some("SK7".into()),
-            status_callback: None,
-            ..cfg()
-        };
+        let cfg =
+            TwilioConfig { from: None, messaging_service_sid: Some("MG9".into()), api_key_sid: Some("SK7".into()), status_callback: None, ..cfg() };
         let mut d = sms();
         d.deadline = NOW_MS + 48 * 3_600_000;
         let req = build_request(&cfg, &d, NOW_MS).unwrap();
-        assert_eq!(
-            req.header_value("authorization"),
-            Some("Basic U0s3OnR3LXNlY3JldA==")
-        ); // SK7:tw-secret
+        assert_eq!(req.header_value("authorization"), Some("Basic U0s3OnR3LXNlY3JldA==")); // SK7:tw-secret
         let f = form(&req);
         assert_eq!(f[1], ("MessagingServiceSid".into(), "MG9".into()));
-        assert_eq!(
-            f.last().unwrap(),
-            &("ValidityPeriod".into(), "36000".into())
-        );
+        assert_eq!(f.last().unwrap(), &("ValidityPeriod".into(), "36000".into()));
         d.deadline = NOW_MS - 5_000;
         let req = build_request(&cfg, &d, NOW_MS).unwrap();
-        assert_eq!(
-            form(&req).last().unwrap(),
-            &("ValidityPeriod".into(), "1".into())
-        );
+        assert_eq!(form(&req).last().unwrap(), &("ValidityPeriod".into(), "1".into()));
         assert!(cfg.validate().is_ok());
-        let both = TwilioConfig {
-            from: Some("+1".into()),
-            ..cfg
-        };
+        let both = TwilioConfig { from: Some("+1".into()), ..cfg };
         assert!(both.validate().is_err());
         d.content.body = None;
-        assert!(matches!(
-            build_request(&both, &d, NOW_MS),
-            Err(ProviderError::InvalidDelivery(_))
-        ));
+        assert!(matches!(build_request(&both, &d, NOW_MS), Err(ProviderError::InvalidDelivery(_))));
     }
 
     fn error(status: u16, code: u64) -> HttpResponse {
-        let body = format!(
-            r#"{{"code":{code},"message":"m","more_info":"https://www.twilio.com/docs/errors/{code}","status":{status}}}"#
-        );
+        let body = format!(r#"{{"code":{code},"message":"m","more_info":"https://www.twilio.com/docs/errors/{code}","status":{status}}}"#);
         resp(status, &body)
     }
 
     #[test]
     fn classifies_every_code_in_the_table() {
-        let ok = resp(
-            201,
-            r#"{"sid":"SM0123456789abcdef0123456789abcdef","status":"queued"}"#,
-        );
-        assert_eq!(
-            classify(&ok),
-            Classification::sent("SM0123456789abcdef0123456789abcdef")
-        );
+        let ok = resp(201, r#"{"sid":"SM0123456789abcdef0123456789abcdef","status":"queued"}"#);
+        assert_eq!(classify(&ok), Classification::sent("SM0123456789abcdef0123456789abcdef"));
         for (status, code, class) in [
             (400, 21211, "invalid_address"),
             (400, 21614, "invalid_address"),
@@ -267,13 +208,7 @@ mod tests {
             let c = classify(&error(status, code));
             assert_eq!(c.label(), class, "{status} {code}");
         }
-        assert_eq!(
-            classify(&error(400, 21211)).reason(),
-            Some("Twilio 400 21211: m")
-        );
-        assert_eq!(
-            classify(&resp(503, "Service Unavailable")).label(),
-            "transient"
-        );
+        assert_eq!(classify(&error(400, 21211)).reason(), Some("Twilio 400 21211: m"));
+        assert_eq!(classify(&resp(503, "Service Unavailable")).label(), "transient");
     }
 }

@@ -6,10 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    configured, endpoint, required, truncate, Classification, HttpConfig, HttpRequest,
-    HttpResponse, ProviderError,
-};
+use super::{configured, endpoint, required, truncate, Classification, HttpConfig, HttpRequest, HttpResponse, ProviderError};
 use crate::config::Secret;
 use crate::model::ChannelDelivery;
 
@@ -59,27 +56,16 @@ impl VonageConfig {
 
 /// The send-SMS form; `to` is the E.164 number without `+`, `ttl` runs to the deadline
 /// as seen at `now_ms`, `type=unicode` when the text was rendered as UCS-2.
-pub fn build_request(
-    cfg: &VonageConfig,
-    d: &ChannelDelivery,
-    now_ms: i64,
-) -> Result<HttpRequest, ProviderError> {
+pub fn build_request(cfg: &VonageConfig, d: &ChannelDelivery, now_ms: i64) -> Result<HttpRequest, ProviderError> {
     let text = required(&d.content.body, "SMS body")?;
     let to = d.address.strip_prefix('+').unwrap_or(&d.address);
     if !(7..=15).contains(&to.len()) || !to.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ProviderError::InvalidAddress(
-            "not an E.164 number (7-15 digits)".into(),
-        ));
+        return Err(ProviderError::InvalidAddress("not an E.164 number (7-15 digits)".into()));
     }
     let ttl = (d.deadline - now_ms).clamp(TTL_MS.0, TTL_MS.1).to_string();
     let client_ref = truncate(&d.delivery_id, MAX_CLIENT_REF);
-    let mut fields = vec![
-        ("api_key", cfg.api_key.as_str()),
-        ("api_secret", cfg.api_secret.expose()),
-        ("from", &cfg.from),
-        ("to", to),
-        ("text", text),
-    ];
+    let mut fields =
+        vec![("api_key", cfg.api_key.as_str()), ("api_secret", cfg.api_secret.expose()), ("from", &cfg.from), ("to", to), ("text", text)];
     if d.content.sms_encoding.as_deref() == Some("UCS-2") {
         fields.push(("type", "unicode"));
     }
@@ -130,37 +116,23 @@ mod tests {
     use crate::providers::tests::{delivery, form, resp, NOW_MS};
 
     fn cfg() -> VonageConfig {
-        VonageConfig {
-            api_key: "abcd1234".into(),
-            api_secret: Secret::new("vn-secret"),
-            from: "Herald".into(),
-            ..VonageConfig::default()
-        }
+        VonageConfig { api_key: "abcd1234".into(), api_secret: Secret::new("vn-secret"), from: "Herald".into(), ..VonageConfig::default() }
     }
 
     fn sms() -> ChannelDelivery {
-        let content = RenderedContent {
-            body: Some("Héllo ✓".into()),
-            sms_encoding: Some("UCS-2".into()),
-            ..Default::default()
-        };
+        let content = RenderedContent { body: Some("Héllo ✓".into()), sms_encoding: Some("UCS-2".into()), ..Default::default() };
         delivery("sms", "+447700900000", content)
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn builds_the_send_form() {
         let req = build_request(&cfg(), &sms(), NOW_MS).unwrap();
         assert_eq!(req.url, "https://rest.nexmo.com/sms/json");
-        assert_eq!(
-            req.headers,
-            pairs(&[("content-type", "application/x-www-form-urlencoded")])
-        );
+        assert_eq!(req.headers, pairs(&[("content-type", "application/x-www-form-urlencoded")]));
         assert_eq!(
             form(&req),
             pairs(&[
@@ -174,10 +146,7 @@ mod tests {
                 ("ttl", "3600000"),
             ])
         );
-        assert!(
-            !format!("{req:?}").contains("vn-secret"),
-            "the secret is in the body; Debug omits it"
-        );
+        assert!(!format!("{req:?}").contains("vn-secret"), "the secret is in the body; Debug omits it");
     }
 
     #[test]
@@ -186,18 +155,10 @@ mod tests {
         d.content.sms_encoding = Some("GSM-7".into());
         d.deadline = NOW_MS + 1_000;
         d.delivery_id = "x".repeat(150);
-        let cfg = VonageConfig {
-            callback: Some("https://hooks.example.com/dlr".into()),
-            ..cfg()
-        };
+        let cfg = VonageConfig { callback: Some("https://hooks.example.com/dlr".into()), ..cfg() };
         let f = form(&build_request(&cfg, &d, NOW_MS).unwrap());
         assert!(!f.iter().any(|(k, _)| k == "type"));
-        let get = |k: &str| {
-            f.iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .unwrap()
-        };
+        let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(get("ttl"), "20000");
         assert_eq!(get("client-ref").len(), 100);
         assert_eq!(get("callback"), "https://hooks.example.com/dlr");
@@ -206,23 +167,12 @@ mod tests {
         assert!(f.contains(&("ttl".into(), "604800000".into())));
         for bad in ["+44 7700", "12345", "+4477009000001234", "tel:447700900000"] {
             d.address = bad.into();
-            assert!(
-                matches!(
-                    build_request(&cfg, &d, NOW_MS),
-                    Err(ProviderError::InvalidAddress(_))
-                ),
-                "{bad}"
-            );
+            assert!(matches!(build_request(&cfg, &d, NOW_MS), Err(ProviderError::InvalidAddress(_))), "{bad}");
         }
     }
 
     fn status(code: &str) -> HttpResponse {
-        resp(
-            200,
-            &format!(
-                r#"{{"message-count":"1","messages":[{{"status":"{code}","error-text":"t"}}]}}"#
-            ),
-        )
+        resp(200, &format!(r#"{{"message-count":"1","messages":[{{"status":"{code}","error-text":"t"}}]}}"#))
     }
 
     #[test]
@@ -234,14 +184,8 @@ mod tests {
                 {"to":"447700900000","message-id":"0A0000000123ABCD2","status":"0"}]}"#,
         );
         assert_eq!(classify(&ok), Classification::sent("0A0000000123ABCD1"));
-        let partly = resp(
-            200,
-            r#"{"messages":[{"status":"0","message-id":"A"},{"status":"5","error-text":"Internal Error"}]}"#,
-        );
-        assert_eq!(
-            classify(&partly),
-            Classification::transient("Vonage status 5: Internal Error")
-        );
+        let partly = resp(200, r#"{"messages":[{"status":"0","message-id":"A"},{"status":"5","error-text":"Internal Error"}]}"#);
+        assert_eq!(classify(&partly), Classification::transient("Vonage status 5: Internal Error"));
         for (code, class) in [
             ("1", "throttled"),
             ("2", "permanent"),
@@ -265,22 +209,10 @@ mod tests {
         ] {
             assert_eq!(classify(&status(code)).label(), class, "status {code}");
         }
-        assert_eq!(
-            classify(&status("1")),
-            Classification::throttled(None, "Vonage status 1: t")
-        );
-        assert!(matches!(
-            classify(&status("9")),
-            Classification::Throttled {
-                retry_after: Some(QUOTA_PAUSE),
-                ..
-            }
-        ));
+        assert_eq!(classify(&status("1")), Classification::throttled(None, "Vonage status 1: t"));
+        assert!(matches!(classify(&status("9")), Classification::Throttled { retry_after: Some(QUOTA_PAUSE), .. }));
         assert_eq!(classify(&resp(500, "oops")).label(), "transient");
         assert_eq!(classify(&resp(200, "<html>")).label(), "transient");
-        assert_eq!(
-            classify(&resp(200, r#"{"messages":[]}"#)).label(),
-            "transient"
-        );
+        assert_eq!(classify(&resp(200, r#"{"messages":[]}"#)).label(), "transient");
     }
 }

@@ -28,10 +28,7 @@ pub(crate) fn track(html: &str, delivery_id: &str, t: &TrackingSettings) -> Stri
             copied = end;
         }
     }
-    let pixel = format!(
-        r#"<img src="{}" width="1" height="1" alt="" style="display:none">"#,
-        t.open_url(delivery_id)
-    );
+    let pixel = format!(r#"<img src="{}" width="1" height="1" alt="" style="display:none">"#, t.open_url(delivery_id));
     match lower.rfind("</body") {
         Some(body_end) if body_end >= copied => {
             out.push_str(&html[copied..body_end]);

@@ -25,11 +25,7 @@ pub fn pick(available: &[&str], wanted: &[&str]) -> Option<usize> {
             .or_else(|| available.iter().position(|a| *a == lang))
             .or_else(|| available.iter().position(|a| language(a) == lang))
     };
-    wanted
-        .iter()
-        .find_map(|w| find(w))
-        .or_else(|| find(DEFAULT_LOCALE))
-        .or_else(|| (!available.is_empty()).then_some(0))
+    wanted.iter().find_map(|w| find(w)).or_else(|| find(DEFAULT_LOCALE)).or_else(|| (!available.is_empty()).then_some(0))
 }
 
 #[cfg(test)]

@@ -203,9 +203,8 @@ impl CompiledTemplate {
     ) -> Result<Rendered, RenderError> {
         let candidates: Vec<&Variant> = self.variants.iter().filter(|v| v.channel.eq_ignore_ascii_case(channel)).collect();
         let normalized: Vec<&str> = candidates.iter().map(|v| v.normalized.as_str()).collect();
-        let variant = locale::pick(&normalized, locales)
-            .map(|i| candidates[i])
-            .ok_or_else(|| RenderError::NoContent { channel: channel.to_owned() })?;
+        let variant =
+            locale::pick(&normalized, locales).map(|i| candidates[i]).ok_or_else(|| RenderError::NoContent { channel: channel.to_owned() })?;
 
         let vars = Value::from(params.clone());
         let mut content = RenderedContent::default();
@@ -244,13 +243,7 @@ impl CompiledTemplate {
         of_channel.peek().is_some() && of_channel.all(|v| v.refers.iter().all(|name| params.contains_key(name)))
     }
 
-    fn render_field(
-        &self,
-        variant: &Variant,
-        field: &str,
-        name: &str,
-        vars: &Value,
-    ) -> Result<String, RenderError> {
+    fn render_field(&self, variant: &Variant, field: &str, name: &str, vars: &Value) -> Result<String, RenderError> {
         let at = || FieldRef {
             template_id: self.template_id.clone(),
             channel: variant.channel.clone(),

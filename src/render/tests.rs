@@ -24,12 +24,7 @@ fn sms(locale: &str, body: &str) -> TemplateContent {
 }
 
 fn email(html: &str) -> TemplateContent {
-    TemplateContent {
-        subject: Some("Hi {{ name }}".into()),
-        html: Some(html.into()),
-        text: Some("Hi {{ name }}".into()),
-        ..content("email", "en")
-    }
+    TemplateContent { subject: Some("Hi {{ name }}".into()), html: Some(html.into()), text: Some("Hi {{ name }}".into()), ..content("email", "en") }
 }
 
 fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -44,11 +39,8 @@ fn render(t: &CompiledTemplate, channel: &str, locales: &[&str], p: &[(&str, &st
 
 #[test]
 fn falls_back_from_locale_to_language_to_english() {
-    let t = CompiledTemplate::compile(
-        &meta(false),
-        &[sms("de", "Hallo"), sms("de-AT", "Servus"), sms("en", "Hello"), sms("fr_FR", "Bonjour")],
-    )
-    .unwrap();
+    let t =
+        CompiledTemplate::compile(&meta(false), &[sms("de", "Hallo"), sms("de-AT", "Servus"), sms("en", "Hello"), sms("fr_FR", "Bonjour")]).unwrap();
     let locale_of = |wanted: &[&str]| render(&t, "sms", wanted, &[]).unwrap().locale;
     assert_eq!(locale_of(&["de_at"]), "de-AT");
     assert_eq!(locale_of(&["de-CH", "fr"]), "de");
@@ -85,8 +77,8 @@ fn a_missing_param_is_named() {
 
 #[test]
 fn optional_params_can_be_guarded() {
-    let t = CompiledTemplate::compile(&meta(false), &[sms("en", "Hi{% if name is defined %} {{ name }}{% endif %}{{ suffix | default('!') }}")])
-        .unwrap();
+    let t =
+        CompiledTemplate::compile(&meta(false), &[sms("en", "Hi{% if name is defined %} {{ name }}{% endif %}{{ suffix | default('!') }}")]).unwrap();
     assert_eq!(render(&t, "sms", &["en"], &[]).unwrap().content.body.as_deref(), Some("Hi!"));
 }
 
@@ -132,8 +124,10 @@ fn push_renders_title_body_and_each_data_value() {
     assert_eq!(c.title.as_deref(), Some("Hi <Ada>"));
     assert_eq!(c.body.as_deref(), Some("Order 7 shipped"));
     assert_eq!(c.data, [("deeplink".to_string(), "app://orders/7".to_string()), ("kind".into(), "ship".into())].into());
-    assert_eq!(render(&t, "push", &["en"], &[("name", "Ada")]).unwrap_err().to_string(),
-        "template welcome/push/en/body needs param 'order', which the request does not carry");
+    assert_eq!(
+        render(&t, "push", &["en"], &[("name", "Ada")]).unwrap_err().to_string(),
+        "template welcome/push/en/body needs param 'order', which the request does not carry"
+    );
 }
 
 #[test]
@@ -190,7 +184,9 @@ fn compiles_once_and_renders_the_same_every_time() {
 
 #[test]
 fn covers_means_every_name_read_is_given() {
-    let t = CompiledTemplate::compile(&meta(false), &[sms("en", "Hi {{ name }}{% set n = name %}{{ n }}"), sms("de", "Hallo {{ name }}, {{ code }}")]).unwrap();
+    let t =
+        CompiledTemplate::compile(&meta(false), &[sms("en", "Hi {{ name }}{% set n = name %}{{ n }}"), sms("de", "Hallo {{ name }}, {{ code }}")])
+            .unwrap();
     assert!(t.covers("sms", &params(&[("name", "A"), ("code", "1")])));
     assert!(t.covers("SMS", &params(&[("name", "A"), ("code", "1"), ("extra", "x")])));
     // The German content also reads `code`; a name bound by `set` is not a param.

@@ -46,7 +46,13 @@ pub type Cached = (Arc<Option<Contact>>, Arc<Prefs>);
 
 impl Contacts {
     pub fn new(store: Arc<Store>, max_entries: u64, ttl: Duration) -> Contacts {
-        Contacts { store, users: cache(max_entries, ttl), prefs: cache(max_entries, ttl), templates: cache(max_entries, ttl), invalidations: AtomicU64::new(0) }
+        Contacts {
+            store,
+            users: cache(max_entries, ttl),
+            prefs: cache(max_entries, ttl),
+            templates: cache(max_entries, ttl),
+            invalidations: AtomicU64::new(0),
+        }
     }
 
     /// The contacts and preferences of many users: cached ones from the cache, the rest in
@@ -105,12 +111,7 @@ impl Contacts {
 
     pub async fn prefs(&self, user_id: &str) -> Result<Arc<Prefs>, StoreError> {
         let store = &self.store;
-        self.prefs
-            .try_get_with(user_id.to_string(), async {
-                Ok(Arc::new(prefs_of(store.preferences(user_id).await?)))
-            })
-            .await
-            .map_err(unshare)
+        self.prefs.try_get_with(user_id.to_string(), async { Ok(Arc::new(prefs_of(store.preferences(user_id).await?))) }).await.map_err(unshare)
     }
 
     pub async fn template(&self, template_id: &str) -> Result<Arc<Option<LoadedTemplate>>, StoreError> {
@@ -161,4 +162,3 @@ impl Invalidate for Contacts {
 fn unshare(e: Arc<StoreError>) -> StoreError {
     Arc::try_unwrap(e).unwrap_or_else(|e| StoreError::Query { op: "cache load", detail: e.to_string(), retryable: true })
 }
-

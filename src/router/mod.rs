@@ -193,8 +193,7 @@ impl Router {
             codec,
             contacts,
             reader: crate::schemas::schema("NotificationRequested")?,
-            quiet: QuietHours::parse(&r.quiet_hours_start, &r.quiet_hours_end)
-                .ok_or_else(|| anyhow::anyhow!("router quiet hours must be HH:MM"))?,
+            quiet: QuietHours::parse(&r.quiet_hours_start, &r.quiet_hours_end).ok_or_else(|| anyhow::anyhow!("router quiet hours must be HH:MM"))?,
             default_tz: r.default_timezone.parse().map_err(|e| anyhow::anyhow!("router.default_timezone: {e}"))?,
             tracking: TrackingSettings {
                 base_url: r.tracking_base_url.trim_end_matches('/').to_string(),
@@ -275,7 +274,8 @@ impl Router {
             let policy = &self.cfg.categories[&r.req.category];
             if policy.throttle_limit.is_some() && policy.throttle_window.is_some() {
                 let key = (r.req.user_id.as_str(), r.req.category.as_str());
-                let mine = policy::claim_by(&self.cfg.dedup_mode, src.msg.topic(), &self.topics.requests, src.msg.key(), &r.req.user_id) == policy::ClaimBy::ReadWrite;
+                let mine = policy::claim_by(&self.cfg.dedup_mode, src.msg.topic(), &self.topics.requests, src.msg.key(), &r.req.user_id)
+                    == policy::ClaimBy::ReadWrite;
                 match owned.entry(key) {
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(mine);
@@ -333,7 +333,7 @@ impl Router {
     async fn flush(&self, writes: &BatchWrites) -> Result<(), StageError> {
         let claims: Vec<(&str, DedupClaim)> = writes.claims.iter().map(|(id, c)| (id.as_str(), c.clone())).collect();
         tokio::try_join!(self.store.record_events(&claims, self.cfg.dedup_ttl, &writes.log), self.store.put_throttle_hits(&writes.hits))
-        .map_err(StageError::classify)?;
+            .map_err(StageError::classify)?;
         Ok(())
     }
 
@@ -453,7 +453,13 @@ impl Router {
                     policy::Throttle::Admit => {
                         let hit = ThrottleHit { event_id: req.event_id.clone(), at };
                         hits.push(hit.clone());
-                        writes.hits.push(NewThrottleHit { user_id: req.user_id.clone(), channel: ch.clone(), category: req.category.clone(), hit, window });
+                        writes.hits.push(NewThrottleHit {
+                            user_id: req.user_id.clone(),
+                            channel: ch.clone(),
+                            category: req.category.clone(),
+                            hit,
+                            window,
+                        });
                     }
                     policy::Throttle::Throttled => {
                         let why = format!("more than {limit} {} per {}", req.category, crate::config::duration::format(&window));
@@ -489,14 +495,9 @@ impl Router {
             Ok(c) => c,
             Err(e) => return Ok(Err(Reject { status: "template_error", reason: e.clone() })),
         };
-        let locales: Vec<&str> = [req.locale.as_deref(), contact.user.locale.as_deref(), Some(self.cfg.default_locale.as_str())]
-            .into_iter()
-            .flatten()
-            .collect();
-        let deadline = req
-            .expires_at
-            .or_else(|| policy.max_age.map(|a| req.occurred_at + a.as_millis() as i64))
-            .unwrap_or(now + 86_400_000);
+        let locales: Vec<&str> =
+            [req.locale.as_deref(), contact.user.locale.as_deref(), Some(self.cfg.default_locale.as_str())].into_iter().flatten().collect();
+        let deadline = req.expires_at.or_else(|| policy.max_age.map(|a| req.occurred_at + a.as_millis() as i64)).unwrap_or(now + 86_400_000);
         let mut deliveries = Vec::new();
         for (ch, addrs) in &plan {
             for a in addrs {
@@ -691,11 +692,7 @@ impl Router {
 }
 
 fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
-    msg.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    msg.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// The requests (and trigger topics) stage.
@@ -748,10 +745,7 @@ pub async fn run(config: &Config, topology: &Topology, shutdown: CancellationTok
     });
     let requests = Requests(router.clone());
     let released = Released(router.clone());
-    let result = tokio::try_join!(
-        eos::run(k, &main, &requests, shutdown.clone()),
-        eos::run(k, &delay, &released, shutdown.clone()),
-    );
+    let result = tokio::try_join!(eos::run(k, &main, &requests, shutdown.clone()), eos::run(k, &delay, &released, shutdown.clone()),);
     shutdown.cancel();
     let _ = follower.await;
     result.map(|_| ()).map_err(Into::into)

@@ -63,10 +63,7 @@ pub fn opted_in(prefs: &HashMap<(String, String), bool>, channel: &str, category
     if !policy.opt_out_allowed {
         return true;
     }
-    prefs
-        .get(&(channel.to_string(), category.to_string()))
-        .copied()
-        .unwrap_or(policy.opt_in_default)
+    prefs.get(&(channel.to_string(), category.to_string())).copied().unwrap_or(policy.opt_in_default)
 }
 
 /// Whether the request is past its `expires_at` or older than the category's max age.
@@ -74,9 +71,7 @@ pub fn expired(req: &NotificationRequested, policy: &CategoryConfig, now_ms: i64
     if req.expires_at.is_some_and(|e| e <= now_ms) {
         return true;
     }
-    policy
-        .max_age
-        .is_some_and(|age| req.occurred_at + age.as_millis() as i64 <= now_ms)
+    policy.max_age.is_some_and(|age| req.occurred_at + age.as_millis() as i64 <= now_ms)
 }
 
 /// The priority dispatchers see: the category's, raised (never lowered) by the request.
@@ -106,11 +101,7 @@ impl QuietHours {
     pub fn hold_until(&self, now: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
         let local = now.with_timezone(&tz);
         let t = local.time();
-        let quiet = if self.start <= self.end {
-            t >= self.start && t < self.end
-        } else {
-            t >= self.start || t < self.end
-        };
+        let quiet = if self.start <= self.end { t >= self.start && t < self.end } else { t >= self.start || t < self.end };
         if !quiet {
             return None;
         }
@@ -120,19 +111,14 @@ impl QuietHours {
         }
         // A DST gap at `end` (rare): take the first valid instant after it.
         let naive = day.and_time(self.end);
-        let end = tz
-            .from_local_datetime(&naive)
-            .earliest()
-            .or_else(|| tz.from_local_datetime(&(naive + ChronoDuration::hours(1))).earliest())?;
+        let end = tz.from_local_datetime(&naive).earliest().or_else(|| tz.from_local_datetime(&(naive + ChronoDuration::hours(1))).earliest())?;
         Some(end.with_timezone(&Utc))
     }
 }
 
 /// `HH:MM` or `HH:MM:SS`.
 pub fn parse_time(s: &str) -> Option<NaiveTime> {
-    NaiveTime::parse_from_str(s, "%H:%M:%S")
-        .or_else(|_| NaiveTime::parse_from_str(s, "%H:%M"))
-        .ok()
+    NaiveTime::parse_from_str(s, "%H:%M:%S").or_else(|_| NaiveTime::parse_from_str(s, "%H:%M")).ok()
 }
 
 /// The delay-topic partition for a hold ending at `due`: one partition per UTC hour of the
@@ -238,14 +224,7 @@ mod tests {
     }
 
     fn device(id: &str, platform: &str, active: bool) -> Device {
-        Device {
-            user_id: "u".into(),
-            device_id: id.into(),
-            platform: platform.into(),
-            token: format!("tok-{id}"),
-            app_id: None,
-            active,
-        }
+        Device { user_id: "u".into(), device_id: id.into(), platform: platform.into(), token: format!("tok-{id}"), app_id: None, active }
     }
 
     #[test]

@@ -43,9 +43,7 @@ pub fn scalar(v: &Value) -> Option<String> {
 /// Maps `value` (an event from `topic`) with trigger `t`; `Err` says which field is missing.
 pub fn map(t: &TriggerConfig, topic: &str, value: &Value, occurred_at: i64) -> Result<NotificationRequested, String> {
     let get = |what: &str, path: &str| {
-        field(value, path)
-            .and_then(scalar)
-            .ok_or_else(|| format!("trigger {topic}: {what} field '{path}' missing or not a scalar"))
+        field(value, path).and_then(scalar).ok_or_else(|| format!("trigger {topic}: {what} field '{path}' missing or not a scalar"))
     };
     let mut params = HashMap::new();
     for (name, path) in &t.params {
@@ -87,9 +85,13 @@ mod tests {
             template: "order_shipped".into(),
             user_id: "customer.id".into(),
             event_id: "order_id".into(),
-            params: [("order".to_string(), "order_id".to_string()), ("carrier".to_string(), "carrier".to_string()), ("total".to_string(), "total_cents".to_string())]
-                .into_iter()
-                .collect(),
+            params: [
+                ("order".to_string(), "order_id".to_string()),
+                ("carrier".to_string(), "carrier".to_string()),
+                ("total".to_string(), "total_cents".to_string()),
+            ]
+            .into_iter()
+            .collect(),
             channels: vec![],
         }
     }

@@ -23,17 +23,7 @@ const MAX_VOIP_PAYLOAD: usize = 5120;
 const TOKEN_LIFETIME_S: i64 = 3600;
 /// Tolerated clock skew for an `iat` in the future.
 const SKEW_S: i64 = 60;
-const PUSH_TYPES: [&str; 9] = [
-    "alert",
-    "background",
-    "location",
-    "voip",
-    "complication",
-    "fileprovider",
-    "mdm",
-    "liveactivity",
-    "pushtotalk",
-];
+const PUSH_TYPES: [&str; 9] = ["alert", "background", "location", "voip", "complication", "fileprovider", "mdm", "liveactivity", "pushtotalk"];
 /// Topic suffixes and the push type each one requires.
 const TOPIC_SUFFIXES: [(&str, &str); 6] = [
     (".voip", "voip"),
@@ -96,11 +86,7 @@ pub(super) fn fault(name: &str) -> Option<Response> {
     Some(reason(name, timestamp))
 }
 
-pub(super) async fn send(
-    State(sb): State<Shared>,
-    Path(token): Path<String>,
-    req: Incoming,
-) -> Response {
+pub(super) async fn send(State(sb): State<Shared>, Path(token): Path<String>, req: Incoming) -> Response {
     let verdict = check(&sb, &token, &req);
     sb.answer(Provider::Apns, &req, verdict).await
 }
@@ -117,11 +103,7 @@ pub(super) async fn method_not_allowed() -> Response {
 
 fn check(sb: &Shared, token: &str, req: &Incoming) -> Verdict {
     if req.version != Version::HTTP_2 {
-        return Err((
-            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            "APNs requires HTTP/2 (use h2c prior knowledge)\n",
-        )
-            .into_response());
+        return Err((StatusCode::HTTP_VERSION_NOT_SUPPORTED, "APNs requires HTTP/2 (use h2c prior knowledge)\n").into_response());
     }
     let apns_id = match req.header("apns-id") {
         Some(id) if !is_canonical_uuid(id) => return Err(reason("BadMessageId", None)),
@@ -138,22 +120,14 @@ fn check(sb: &Shared, token: &str, req: &Incoming) -> Verdict {
         if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(reason("BadDeviceToken", None));
         }
-        let limit = if req.header("apns-push-type") == Some("voip") {
-            MAX_VOIP_PAYLOAD
-        } else {
-            MAX_PAYLOAD
-        };
+        let limit = if req.header("apns-push-type") == Some("voip") { MAX_VOIP_PAYLOAD } else { MAX_PAYLOAD };
         if req.body.is_empty() {
             return Err(reason("PayloadEmpty", None));
         }
         if req.body.len() > limit {
             return Err(reason("PayloadTooLarge", None));
         }
-        let gone = sb.sets(|s, since| {
-            s.apns_unregistered
-                .contains(&token.to_ascii_lowercase())
-                .then_some(since)
-        });
+        let gone = sb.sets(|s, since| s.apns_unregistered.contains(&token.to_ascii_lowercase()).then_some(since));
         match gone {
             Some(since) => Err(reason("Unregistered", Some(since))),
             None => Ok(()),
@@ -177,18 +151,12 @@ fn authenticate(sb: &Shared, req: &Incoming) -> Result<(), &'static str> {
     }
     let jwt = req.bearer().ok_or("InvalidProviderToken")?;
     let header = jsonwebtoken::decode_header(jwt).map_err(|_| "InvalidProviderToken")?;
-    let key = header
-        .kid
-        .as_ref()
-        .and_then(|kid| sb.apns_keys.get(kid))
-        .ok_or("InvalidProviderToken")?;
+    let key = header.kid.as_ref().and_then(|kid| sb.apns_keys.get(kid)).ok_or("InvalidProviderToken")?;
     let mut validation = Validation::new(Algorithm::ES256);
     validation.validate_exp = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let claims = jsonwebtoken::decode::<ProviderClaims>(jwt, key, &validation)
-        .map_err(|_| "InvalidProviderToken")?
-        .claims;
+    let claims = jsonwebtoken::decode::<ProviderClaims>(jwt, key, &validation).map_err(|_| "InvalidProviderToken")?.claims;
     if claims.iss != sb.config.apns.team_id || claims.iat > now_s() + SKEW_S {
         return Err("InvalidProviderToken");
     }
@@ -199,9 +167,7 @@ fn authenticate(sb: &Shared, req: &Incoming) -> Result<(), &'static str> {
 }
 
 fn validate_headers(sb: &Shared, req: &Incoming) -> Result<(), &'static str> {
-    let duplicated = req.headers.keys().any(|name| {
-        name.as_str().starts_with("apns-") && req.headers.get_all(name).iter().count() > 1
-    });
+    let duplicated = req.headers.keys().any(|name| name.as_str().starts_with("apns-") && req.headers.get_all(name).iter().count() > 1);
     if duplicated {
         return Err("DuplicateHeaders");
     }
@@ -223,10 +189,7 @@ fn validate_headers(sb: &Shared, req: &Incoming) -> Result<(), &'static str> {
     if push_type == Some("background") && matches!(req.header("apns-priority"), None | Some("10")) {
         return Err("BadPriority");
     }
-    if req
-        .header("apns-expiration")
-        .is_some_and(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if req.header("apns-expiration").is_some_and(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit())) {
         return Err("BadExpirationDate");
     }
     if req.header("apns-collapse-id").is_some_and(|c| c.len() > 64) {
@@ -236,10 +199,7 @@ fn validate_headers(sb: &Shared, req: &Incoming) -> Result<(), &'static str> {
 }
 
 /// `Ok(None)` for a plain bundle id, `Ok(Some(push type))` for a suffixed one.
-fn topic_push_type(
-    bundle_ids: &[String],
-    topic: &str,
-) -> Result<Option<&'static str>, &'static str> {
+fn topic_push_type(bundle_ids: &[String], topic: &str) -> Result<Option<&'static str>, &'static str> {
     for bundle in bundle_ids {
         if topic == bundle {
             return Ok(None);
@@ -250,16 +210,8 @@ fn topic_push_type(
             }
         }
     }
-    let well_formed = !topic.is_empty()
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && topic.contains('.');
-    Err(if well_formed {
-        "TopicDisallowed"
-    } else {
-        "BadTopic"
-    })
+    let well_formed = !topic.is_empty() && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && topic.contains('.');
+    Err(if well_formed { "TopicDisallowed" } else { "BadTopic" })
 }
 
 /// Lowercase 8-4-4-4-12 hex, as Apple requires for `apns-id`.
@@ -286,28 +238,16 @@ mod tests {
     fn topics_are_the_bundle_or_a_suffix_that_fixes_the_push_type() {
         let bundles = vec!["dev.herald.demo".to_string()];
         assert_eq!(topic_push_type(&bundles, "dev.herald.demo"), Ok(None));
-        assert_eq!(
-            topic_push_type(&bundles, "dev.herald.demo.voip"),
-            Ok(Some("voip"))
-        );
-        assert_eq!(
-            topic_push_type(&bundles, "com.other.app"),
-            Err("TopicDisallowed")
-        );
+        assert_eq!(topic_push_type(&bundles, "dev.herald.demo.voip"), Ok(Some("voip")));
+        assert_eq!(topic_push_type(&bundles, "com.other.app"), Err("TopicDisallowed"));
         assert_eq!(topic_push_type(&bundles, "not a topic"), Err("BadTopic"));
     }
 
     #[test]
     fn every_fault_name_is_an_apple_reason_with_its_status() {
-        assert_eq!(
-            fault("ServiceUnavailable").unwrap().status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(fault("ServiceUnavailable").unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(fault("Unregistered").unwrap().status(), StatusCode::GONE);
-        assert_eq!(
-            fault("TooManyRequests").unwrap().status(),
-            StatusCode::TOO_MANY_REQUESTS
-        );
+        assert_eq!(fault("TooManyRequests").unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(fault("NoSuchReason").is_none());
     }
 }

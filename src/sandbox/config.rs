@@ -98,10 +98,7 @@ impl Default for FcmSandboxConfig {
             client_email: "herald-sandbox@herald-dev.iam.gserviceaccount.com".into(),
             private_key_id: "4e7a1d0c9b8f2e6a5d3c1b0a9f8e7d6c5b4a3921".into(),
             public_key_pem: DEV_FCM_PUBLIC_KEY.into(),
-            token_audiences: vec![
-                "https://oauth2.googleapis.com/token".into(),
-                "http://127.0.0.1:8090/token".into(),
-            ],
+            token_audiences: vec!["https://oauth2.googleapis.com/token".into(), "http://127.0.0.1:8090/token".into()],
             access_token_ttl_s: 3599,
         }
     }
@@ -117,10 +114,7 @@ pub struct TwilioSandboxConfig {
 
 impl Default for TwilioSandboxConfig {
     fn default() -> Self {
-        TwilioSandboxConfig {
-            account_sid: "AC0123456789abcdef0123456789abcdef".into(),
-            auth_token: Secret::new("herald-sandbox-twilio-auth-token"),
-        }
+        TwilioSandboxConfig { account_sid: "AC0123456789abcdef0123456789abcdef".into(), auth_token: Secret::new("herald-sandbox-twilio-auth-token") }
     }
 }
 
@@ -134,10 +128,7 @@ pub struct VonageSandboxConfig {
 
 impl Default for VonageSandboxConfig {
     fn default() -> Self {
-        VonageSandboxConfig {
-            api_key: "herald01".into(),
-            api_secret: Secret::new("herald-sandbox-vonage-secret"),
-        }
+        VonageSandboxConfig { api_key: "herald01".into(), api_secret: Secret::new("herald-sandbox-vonage-secret") }
     }
 }
 
@@ -150,9 +141,7 @@ pub struct SendgridSandboxConfig {
 
 impl Default for SendgridSandboxConfig {
     fn default() -> Self {
-        SendgridSandboxConfig {
-            api_key: Secret::new("SG.herald-dev.sandbox-key-not-real"),
-        }
+        SendgridSandboxConfig { api_key: Secret::new("SG.herald-dev.sandbox-key-not-real") }
     }
 }
 
@@ -165,9 +154,7 @@ pub struct MandrillSandboxConfig {
 
 impl Default for MandrillSandboxConfig {
     fn default() -> Self {
-        MandrillSandboxConfig {
-            api_key: Secret::new("md-herald-dev-sandbox-key-not-real"),
-        }
+        MandrillSandboxConfig { api_key: Secret::new("md-herald-dev-sandbox-key-not-real") }
     }
 }
 

@@ -26,14 +26,8 @@ use super::http::json;
 use super::{Fault, Provider, SandboxState, Shared, World};
 
 /// Every path of the control API (README's "The provider sandbox" documents each).
-const PATHS: [&str; 6] = [
-    "/_sandbox/health",
-    "/_sandbox/faults",
-    "/_sandbox/faults/{provider}",
-    "/_sandbox/requests",
-    "/_sandbox/requests/{provider}",
-    "/_sandbox/state",
-];
+const PATHS: [&str; 6] =
+    ["/_sandbox/health", "/_sandbox/faults", "/_sandbox/faults/{provider}", "/_sandbox/requests", "/_sandbox/requests/{provider}", "/_sandbox/state"];
 
 pub(super) fn routes() -> Router<Shared> {
     let [health_path, faults, fault, all_requests, provider_requests, state] = PATHS;
@@ -53,19 +47,13 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 fn provider(name: &str) -> Result<Provider, Response> {
     name.parse::<Provider>().ok().ok_or_else(|| {
         let known: Vec<_> = Provider::ALL.iter().map(|p| p.name()).collect();
-        error(
-            StatusCode::NOT_FOUND,
-            format!("unknown provider '{name}' (one of {})", known.join(", ")),
-        )
+        error(StatusCode::NOT_FOUND, format!("unknown provider '{name}' (one of {})", known.join(", ")))
     })
 }
 
 async fn health() -> Response {
     let providers: Vec<_> = Provider::ALL.iter().map(|p| p.name()).collect();
-    json(
-        StatusCode::OK,
-        json!({ "status": "ok", "providers": providers }),
-    )
+    json(StatusCode::OK, json!({ "status": "ok", "providers": providers }))
 }
 
 async fn set_fault(State(sb): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
@@ -82,26 +70,16 @@ async fn set_fault(State(sb): State<Shared>, Path(name): Path<String>, body: Byt
     }
     if let Some(name) = &fault.error {
         if p.fault_reply(&name.as_string(), None).is_none() {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{} has no error named '{}'", p.name(), name.as_string()),
-            );
+            return error(StatusCode::BAD_REQUEST, format!("{} has no error named '{}'", p.name(), name.as_string()));
         }
     }
     sb.faults.set(p, fault.clone());
-    json(
-        StatusCode::OK,
-        json!({ "provider": p.name(), "fault": fault }),
-    )
+    json(StatusCode::OK, json!({ "provider": p.name(), "fault": fault }))
 }
 
 async fn list_faults(State(sb): State<Shared>) -> Response {
-    let all: Vec<Value> = sb
-        .faults
-        .list()
-        .into_iter()
-        .map(|(p, fault, remaining)| json!({ "provider": p.name(), "fault": fault, "remaining": remaining }))
-        .collect();
+    let all: Vec<Value> =
+        sb.faults.list().into_iter().map(|(p, fault, remaining)| json!({ "provider": p.name(), "fault": fault, "remaining": remaining })).collect();
     json(StatusCode::OK, Value::Array(all))
 }
 
@@ -122,10 +100,7 @@ async fn clear_faults(State(sb): State<Shared>) -> Response {
 
 async fn requests(State(sb): State<Shared>, Path(name): Path<String>) -> Response {
     match provider(&name) {
-        Ok(p) => json(
-            StatusCode::OK,
-            serde_json::to_value(sb.journal.list(p)).unwrap_or_default(),
-        ),
+        Ok(p) => json(StatusCode::OK, serde_json::to_value(sb.journal.list(p)).unwrap_or_default()),
         Err(r) => r,
     }
 }
@@ -146,10 +121,7 @@ async fn clear_requests(State(sb): State<Shared>) -> Response {
 }
 
 async fn get_state(State(sb): State<Shared>) -> Response {
-    json(
-        StatusCode::OK,
-        sb.sets(|sets, _| serde_json::to_value(sets).unwrap_or_default()),
-    )
+    json(StatusCode::OK, sb.sets(|sets, _| serde_json::to_value(sets).unwrap_or_default()))
 }
 
 async fn put_state(State(sb): State<Shared>, body: Bytes) -> Response {
@@ -157,10 +129,7 @@ async fn put_state(State(sb): State<Shared>, body: Bytes) -> Response {
         Ok(sets) => {
             let sets = sets.normalized();
             let shown = serde_json::to_value(&sets).unwrap_or_default();
-            *sb.state.write().unwrap() = World {
-                sets,
-                since_ms: chrono::Utc::now().timestamp_millis(),
-            };
+            *sb.state.write().unwrap() = World { sets, since_ms: chrono::Utc::now().timestamp_millis() };
             json(StatusCode::OK, shown)
         }
         Err(e) => error(StatusCode::BAD_REQUEST, format!("not a sandbox state: {e}")),

@@ -51,20 +51,13 @@ impl ErrorName {
 
 impl Fault {
     fn rate(&self) -> f64 {
-        self.error_rate
-            .unwrap_or(if self.error.is_some() || self.retry_after_s.is_some() {
-                1.0
-            } else {
-                0.0
-            })
+        self.error_rate.unwrap_or(if self.error.is_some() || self.retry_after_s.is_some() { 1.0 } else { 0.0 })
     }
 
     /// Checks ranges; the error name is checked by the provider.
     pub fn validate(&self) -> Result<(), String> {
         match self.error_rate {
-            Some(r) if !(0.0..=1.0).contains(&r) => {
-                Err(format!("error_rate {r} is not within 0.0–1.0"))
-            }
+            Some(r) if !(0.0..=1.0).contains(&r) => Err(format!("error_rate {r} is not within 0.0–1.0")),
             _ if self.count == Some(0) => Err("count must be at least 1".into()),
             _ => Ok(()),
         }
@@ -90,10 +83,7 @@ pub struct FaultTable {
 impl FaultTable {
     pub fn set(&self, provider: Provider, fault: Fault) {
         let remaining = fault.count;
-        self.active
-            .lock()
-            .unwrap()
-            .insert(provider, (fault, remaining));
+        self.active.lock().unwrap().insert(provider, (fault, remaining));
     }
 
     pub fn clear(&self, provider: Option<Provider>) {
@@ -109,10 +99,7 @@ impl FaultTable {
     /// The faults in force, with how many requests each still applies to.
     pub fn list(&self) -> Vec<(Provider, Fault, Option<u64>)> {
         let active = self.active.lock().unwrap();
-        let mut all: Vec<_> = active
-            .iter()
-            .map(|(p, (f, left))| (*p, f.clone(), *left))
-            .collect();
+        let mut all: Vec<_> = active.iter().map(|(p, (f, left))| (*p, f.clone(), *left)).collect();
         all.sort_by_key(|(p, _, _)| p.name());
         all
     }
@@ -133,12 +120,7 @@ impl FaultTable {
         Some(Plan {
             latency: Duration::from_millis(fault.latency_ms),
             hang: fault.hang,
-            error: hit.then(|| {
-                fault.error.as_ref().map_or_else(
-                    || provider.default_error().to_string(),
-                    ErrorName::as_string,
-                )
-            }),
+            error: hit.then(|| fault.error.as_ref().map_or_else(|| provider.default_error().to_string(), ErrorName::as_string)),
             retry_after_s: fault.retry_after_s,
         })
     }
@@ -157,10 +139,7 @@ mod tests {
         let t = FaultTable::default();
         t.set(Provider::Apns, fault(r#"{"error":"Shutdown"}"#));
         for _ in 0..20 {
-            assert_eq!(
-                t.draw(Provider::Apns).unwrap().error.as_deref(),
-                Some("Shutdown")
-            );
+            assert_eq!(t.draw(Provider::Apns).unwrap().error.as_deref(), Some("Shutdown"));
         }
         assert_eq!(t.draw(Provider::Fcm), None);
     }
@@ -172,10 +151,7 @@ mod tests {
         let plan = t.draw(Provider::Twilio).unwrap();
         assert_eq!((plan.latency, plan.error), (Duration::from_millis(5), None));
         t.set(Provider::Twilio, fault(r#"{"error_rate":1.0}"#));
-        assert_eq!(
-            t.draw(Provider::Twilio).unwrap().error.as_deref(),
-            Some("20429")
-        );
+        assert_eq!(t.draw(Provider::Twilio).unwrap().error.as_deref(), Some("20429"));
     }
 
     #[test]
@@ -192,8 +168,6 @@ mod tests {
     fn error_rate_outside_the_unit_interval_is_refused() {
         assert!(fault(r#"{"error_rate":1.5}"#).validate().is_err());
         assert!(fault(r#"{"count":0}"#).validate().is_err());
-        assert!(fault(r#"{"error_rate":0.5,"error":"x"}"#)
-            .validate()
-            .is_ok());
+        assert!(fault(r#"{"error_rate":0.5,"error":"x"}"#).validate().is_ok());
     }
 }

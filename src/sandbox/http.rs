@@ -26,16 +26,9 @@ impl<S: Send + Sync> FromRequest<S> for Incoming {
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Response> {
         let (parts, body) = req.into_parts();
-        let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-            (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response()
-        })?;
-        Ok(Incoming {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        })
+        let body =
+            axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response())?;
+        Ok(Incoming { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers, body })
     }
 }
 
@@ -46,17 +39,14 @@ impl Incoming {
     }
 
     pub fn is_json(&self) -> bool {
-        self.header("content-type")
-            .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/json"))
+        self.header("content-type").is_some_and(|c| c.to_ascii_lowercase().starts_with("application/json"))
     }
 
     /// The credential of `Authorization: Bearer <credential>` (scheme case-insensitive).
     pub fn bearer(&self) -> Option<&str> {
         let value = self.header("authorization")?;
         let (scheme, credential) = value.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| credential.trim())
+        scheme.eq_ignore_ascii_case("bearer").then(|| credential.trim())
     }
 
     /// `(user, password)` of `Authorization: Basic …`.
@@ -65,19 +55,13 @@ impl Incoming {
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
         let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
         Some((user.to_string(), password.to_string()))
     }
 
     pub fn form(&self) -> Form {
-        Form(
-            url::form_urlencoded::parse(&self.body)
-                .into_owned()
-                .collect(),
-        )
+        Form(url::form_urlencoded::parse(&self.body).into_owned().collect())
     }
 
     pub fn json(&self) -> Option<Value> {
@@ -90,10 +74,7 @@ impl Incoming {
             Value::Null
         } else if let Some(v) = self.json() {
             v
-        } else if self
-            .header("content-type")
-            .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"))
-        {
+        } else if self.header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
             self.form().to_json()
         } else {
             Value::String(String::from_utf8_lossy(&self.body).into_owned())
@@ -107,18 +88,11 @@ pub struct Form(pub Vec<(String, String)>);
 
 impl Form {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     pub fn all(&self, name: &str) -> Vec<&str> {
-        self.0
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.0.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
     }
 
     /// As a JSON object; a repeated name becomes an array.
@@ -130,9 +104,7 @@ impl Form {
                     map.insert(name.clone(), Value::String(value.clone()));
                 }
                 Some(Value::Array(values)) => values.push(Value::String(value.clone())),
-                Some(first) => {
-                    *first = Value::Array(vec![first.take(), Value::String(value.clone())])
-                }
+                Some(first) => *first = Value::Array(vec![first.take(), Value::String(value.clone())]),
             }
         }
         Value::Object(map)
@@ -141,15 +113,7 @@ impl Form {
 
 /// A JSON reply.
 pub fn json(status: StatusCode, body: Value) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body.to_string(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.to_string()).into_response()
 }
 
 /// Sets a header on a reply (values the sandbox builds itself, so always valid).
@@ -162,9 +126,7 @@ pub fn with_header(mut response: Response, name: &'static str, value: impl ToStr
 
 /// `bytes` random bytes as lowercase hex.
 pub fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
 /// Seconds since the Unix epoch.
@@ -174,11 +136,9 @@ pub fn now_s() -> i64 {
 
 /// `+` then 7–15 digits, not starting with 0.
 pub fn is_e164(number: &str) -> bool {
-    number.strip_prefix('+').is_some_and(|digits| {
-        (7..=15).contains(&digits.len())
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && !digits.starts_with('0')
-    })
+    number
+        .strip_prefix('+')
+        .is_some_and(|digits| (7..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'))
 }
 
 /// A plausible address: one `@`, a non-empty local part, a dotted domain, no spaces.
@@ -195,7 +155,8 @@ pub fn is_email(address: &str) -> bool {
     }
 }
 
-const GSM_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+const GSM_BASIC: &str =
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
 const GSM_EXTENSION: &str = "^{}\\[~]|€\u{c}";
 
 /// How many SMS parts a text needs: GSM-7 160 per single / 153 per concatenated part
@@ -243,15 +204,7 @@ mod tests {
     #[test]
     fn emails_need_a_local_part_and_a_dotted_domain() {
         assert!(is_email("a.b+tag@example.co.uk"));
-        for bad in [
-            "",
-            "no-at",
-            "@example.com",
-            "a@localhost",
-            "a@b@c.com",
-            "a b@c.com",
-            "a@c..com",
-        ] {
+        for bad in ["", "no-at", "@example.com", "a@localhost", "a@b@c.com", "a b@c.com", "a@c..com"] {
             assert!(!is_email(bad), "{bad}");
         }
     }
@@ -270,15 +223,8 @@ mod tests {
 
     #[test]
     fn repeated_form_fields_become_arrays() {
-        let f = Form(vec![
-            ("To".into(), "+1".into()),
-            ("MediaUrl".into(), "a".into()),
-            ("MediaUrl".into(), "b".into()),
-        ]);
-        assert_eq!(
-            f.to_json(),
-            serde_json::json!({"To": "+1", "MediaUrl": ["a", "b"]})
-        );
+        let f = Form(vec![("To".into(), "+1".into()), ("MediaUrl".into(), "a".into()), ("MediaUrl".into(), "b".into())]);
+        assert_eq!(f.to_json(), serde_json::json!({"To": "+1", "MediaUrl": ["a", "b"]}));
         assert_eq!(f.all("MediaUrl"), vec!["a", "b"]);
     }
 }

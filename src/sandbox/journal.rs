@@ -66,10 +66,7 @@ impl Journal {
         log.push_back(Received {
             seq,
             method: req.method.to_string(),
-            path: req
-                .uri
-                .path_and_query()
-                .map_or_else(|| req.uri.path().to_string(), |p| p.to_string()),
+            path: req.uri.path_and_query().map_or_else(|| req.uri.path().to_string(), |p| p.to_string()),
             version: format!("{:?}", req.version),
             headers,
             body: mask_body(body),
@@ -81,22 +78,14 @@ impl Journal {
 
     pub fn answered(&self, provider: Provider, seq: u64, status: u16) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(r) = inner
-            .1
-            .get_mut(&provider)
-            .and_then(|log| log.iter_mut().rev().find(|r| r.seq == seq))
-        {
+        if let Some(r) = inner.1.get_mut(&provider).and_then(|log| log.iter_mut().rev().find(|r| r.seq == seq)) {
             r.status = Some(status);
         }
     }
 
     pub fn list(&self, provider: Provider) -> Vec<Received> {
         let inner = self.inner.lock().unwrap();
-        inner
-            .1
-            .get(&provider)
-            .map(|log| log.iter().cloned().collect())
-            .unwrap_or_default()
+        inner.1.get(&provider).map(|log| log.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn clear(&self, provider: Option<Provider>) {
@@ -143,9 +132,6 @@ mod tests {
     #[test]
     fn secret_body_fields_are_masked_and_others_kept() {
         let b = mask_body(serde_json::json!({"key": "md-1", "api_secret": "s", "to": "123"}));
-        assert_eq!(
-            b,
-            serde_json::json!({"key": "****", "api_secret": "****", "to": "123"})
-        );
+        assert_eq!(b, serde_json::json!({"key": "****", "api_secret": "****", "to": "123"}));
     }
 }

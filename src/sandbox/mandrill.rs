@@ -15,18 +15,11 @@ use super::{Provider, Shared, Verdict};
 const SYNC_RECIPIENTS: usize = 10;
 
 fn error(code: i32, name: &str, message: &str) -> Response {
-    json(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        json!({ "status": "error", "code": code, "name": name, "message": message }),
-    )
+    json(StatusCode::INTERNAL_SERVER_ERROR, json!({ "status": "error", "code": code, "name": name, "message": message }))
 }
 
 fn validation_error(detail: Value) -> Response {
-    error(
-        -2,
-        "ValidationError",
-        &format!("Validation error: {detail}"),
-    )
+    error(-2, "ValidationError", &format!("Validation error: {detail}"))
 }
 
 /// The answer for a fault named by a Mandrill error name.
@@ -53,44 +46,25 @@ fn check(sb: &Shared, req: &Incoming) -> Verdict {
     let body = req.json().unwrap_or(Value::Null);
     match body.get("key").and_then(Value::as_str) {
         None => return Err(error(-1, "Invalid_Key", "You must specify a key value")),
-        Some(key) if key != sb.config.mandrill.api_key.expose() => {
-            return Err(error(-1, "Invalid_Key", "Invalid API key"))
-        }
+        Some(key) if key != sb.config.mandrill.api_key.expose() => return Err(error(-1, "Invalid_Key", "Invalid API key")),
         Some(_) => {}
     }
     let Some(message) = body.get("message").filter(|m| m.is_object()) else {
-        return Err(validation_error(
-            json!({ "message": "Please enter an array" }),
-        ));
+        return Err(validation_error(json!({ "message": "Please enter an array" })));
     };
-    let recipients = message
-        .get("to")
-        .and_then(Value::as_array)
-        .filter(|to| !to.is_empty());
+    let recipients = message.get("to").and_then(Value::as_array).filter(|to| !to.is_empty());
     let Some(recipients) = recipients else {
-        return Err(validation_error(
-            json!({ "message": { "to": "Please enter an array" } }),
-        ));
+        return Err(validation_error(json!({ "message": { "to": "Please enter an array" } })));
     };
-    if recipients
-        .iter()
-        .any(|r| r.get("email").and_then(Value::as_str).is_none())
-    {
-        return Err(validation_error(
-            json!({ "message": { "to": { "email": "Please enter a value" } } }),
-        ));
+    if recipients.iter().any(|r| r.get("email").and_then(Value::as_str).is_none()) {
+        return Err(validation_error(json!({ "message": { "to": { "email": "Please enter a value" } } })));
     }
     if let Some(from) = message.get("from_email") {
         if !from.as_str().is_some_and(is_email) {
-            return Err(validation_error(
-                json!({ "message": { "from_email": "An email address must contain a single @" } }),
-            ));
+            return Err(validation_error(json!({ "message": { "from_email": "An email address must contain a single @" } })));
         }
     }
-    let scheduled = body
-        .get("send_at")
-        .and_then(Value::as_str)
-        .is_some_and(|s| !s.is_empty());
+    let scheduled = body.get("send_at").and_then(Value::as_str).is_some_and(|s| !s.is_empty());
     let queued = recipients.len() > SYNC_RECIPIENTS;
     let results: Vec<Value> = recipients
         .iter()

@@ -17,10 +17,7 @@
 //! rejection), then the fault drawn for that provider (latency, hang, or the provider's
 //! error), then the success answer; the request log records each one with its status.
 
-#![allow(
-    clippy::result_large_err,
-    reason = "a rejection is the provider's HTTP answer itself; it is built once per request"
-)]
+#![allow(clippy::result_large_err, reason = "a rejection is the provider's HTTP answer itself; it is built once per request")]
 
 mod apns;
 pub mod config;
@@ -92,15 +89,9 @@ impl Provider {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("sandbox: {what} is not a usable public key PEM: {source}")]
-    Key {
-        what: String,
-        source: jsonwebtoken::errors::Error,
-    },
+    Key { what: String, source: jsonwebtoken::errors::Error },
     #[error("sandbox: cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
 }
 
 /// What a provider decided before faults: `Ok` = accepted (its success answer),
@@ -149,17 +140,11 @@ impl Shared {
             .keys
             .iter()
             .map(|(kid, pem)| {
-                DecodingKey::from_ec_pem(pem.as_bytes())
-                    .map(|key| (kid.clone(), key))
-                    .map_err(key_error(format!("sandbox.apns.keys.{kid}")))
+                DecodingKey::from_ec_pem(pem.as_bytes()).map(|key| (kid.clone(), key)).map_err(key_error(format!("sandbox.apns.keys.{kid}")))
             })
             .collect::<Result<_, _>>()?;
-        let fcm_key = DecodingKey::from_rsa_pem(config.fcm.public_key_pem.as_bytes())
-            .map_err(key_error("sandbox.fcm.public_key_pem".into()))?;
-        let state = World {
-            sets: config.state.clone().normalized(),
-            since_ms: chrono::Utc::now().timestamp_millis(),
-        };
+        let fcm_key = DecodingKey::from_rsa_pem(config.fcm.public_key_pem.as_bytes()).map_err(key_error("sandbox.fcm.public_key_pem".into()))?;
+        let state = World { sets: config.state.clone().normalized(), since_ms: chrono::Utc::now().timestamp_millis() };
         Ok(Shared(Arc::new(Inner {
             config,
             apns_keys,
@@ -182,8 +167,7 @@ impl Shared {
     /// Logs the request and answers it as is (no fault applies).
     fn reply(&self, provider: Provider, req: &Incoming, response: Response) -> Response {
         let seq = self.journal.record(provider, req, req.body_for_log());
-        self.journal
-            .answered(provider, seq, response.status().as_u16());
+        self.journal.answered(provider, seq, response.status().as_u16());
         response
     }
 
@@ -195,8 +179,7 @@ impl Shared {
             Err(rejected) => rejected,
             Ok(accepted) => self.apply_fault(provider, accepted).await,
         };
-        self.journal
-            .answered(provider, seq, response.status().as_u16());
+        self.journal.answered(provider, seq, response.status().as_u16());
         response
     }
 
@@ -213,11 +196,7 @@ impl Shared {
             return accepted;
         };
         let Some(mut reply) = provider.fault_reply(&error, plan.retry_after_s) else {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("sandbox: no {} error {error}", provider.name()),
-            )
-                .into_response();
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("sandbox: no {} error {error}", provider.name())).into_response();
         };
         if let Some(id) = accepted.headers().get("apns-id") {
             reply.headers_mut().insert("apns-id", id.clone());
@@ -232,20 +211,11 @@ impl Shared {
 /// Every provider route plus the control API.
 fn router(shared: Shared) -> Router {
     Router::new()
-        .route(
-            "/3/device/{token}",
-            post(apns::send).fallback(apns::method_not_allowed),
-        )
-        .route(
-            "/3/device/",
-            post(apns::missing_token).fallback(apns::method_not_allowed),
-        )
+        .route("/3/device/{token}", post(apns::send).fallback(apns::method_not_allowed))
+        .route("/3/device/", post(apns::missing_token).fallback(apns::method_not_allowed))
         .route("/token", post(oauth::token))
         .route("/v1/projects/{project}/messages:send", post(fcm::send))
-        .route(
-            "/2010-04-01/Accounts/{account}/Messages.json",
-            post(twilio::send),
-        )
+        .route("/2010-04-01/Accounts/{account}/Messages.json", post(twilio::send))
         .route("/sms/json", post(vonage::send))
         .route("/v3/mail/send", post(sendgrid::send))
         .route("/api/1.0/messages/send", post(mandrill::send))
@@ -306,34 +276,21 @@ impl Drop for RunningSandbox {
 pub async fn start(config: SandboxConfig) -> Result<RunningSandbox, SandboxError> {
     let listen = config.listen.clone();
     let shared = Shared::new(config)?;
-    let bind_error = |source| SandboxError::Bind {
-        addr: listen.clone(),
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(bind_error)?;
+    let bind_error = |source| SandboxError::Bind { addr: listen.clone(), source };
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     let stop = shared.stop.clone();
     let app = router(shared);
     let serving = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
     let task = tokio::spawn(async move { serving.await });
     tracing::info!(%addr, "provider sandbox listening (HTTP/1.1 + h2c)");
-    Ok(RunningSandbox {
-        addr,
-        stop,
-        task: Some(task),
-    })
+    Ok(RunningSandbox { addr, stop, task: Some(task) })
 }
 
 /// `herald sandbox`: serves until Ctrl-C.
 pub async fn run(config: SandboxConfig) -> anyhow::Result<()> {
     let sandbox = start(config).await?;
-    println!(
-        "sandbox: listening on {} (HTTP/1.1 and h2c); control API at {}/_sandbox/",
-        sandbox.url(),
-        sandbox.url()
-    );
+    println!("sandbox: listening on {} (HTTP/1.1 and h2c); control API at {}/_sandbox/", sandbox.url(), sandbox.url());
     tokio::signal::ctrl_c().await?;
     println!("sandbox: stopping");
     sandbox.stop().await?;

@@ -18,9 +18,7 @@ const RATE_LIMIT: u32 = 600;
 
 /// One entry of `errors`.
 fn entry(message: &str, field: Option<&str>, help: Option<&str>) -> Value {
-    let help = help.map(|anchor| {
-        format!("http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html#{anchor}")
-    });
+    let help = help.map(|anchor| format!("http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html#{anchor}"));
     json!({ "message": message, "field": field, "help": help })
 }
 
@@ -30,10 +28,7 @@ fn errors(status: StatusCode, entries: Vec<Value>) -> Response {
 
 /// 429 with the rate-limit headers; the window resets `reset_in_s` from now.
 fn too_many_requests(reset_in_s: u64) -> Response {
-    let r = json(
-        StatusCode::TOO_MANY_REQUESTS,
-        json!({ "errors": [{ "field": null, "message": "too many requests" }] }),
-    );
+    let r = json(StatusCode::TOO_MANY_REQUESTS, json!({ "errors": [{ "field": null, "message": "too many requests" }] }));
     let r = with_header(r, "x-ratelimit-limit", RATE_LIMIT);
     let r = with_header(r, "x-ratelimit-remaining", 0);
     with_header(r, "x-ratelimit-reset", now_s() + reset_in_s as i64)
@@ -61,26 +56,15 @@ pub(super) async fn send(State(sb): State<Shared>, req: Incoming) -> Response {
 
 fn check(sb: &Shared, req: &Incoming) -> Verdict {
     match req.bearer() {
-        None => {
-            return Err(errors(
-                StatusCode::UNAUTHORIZED,
-                vec![entry("authorization required", None, None)],
-            ))
-        }
+        None => return Err(errors(StatusCode::UNAUTHORIZED, vec![entry("authorization required", None, None)])),
         Some(key) if key != sb.config.sendgrid.api_key.expose() => {
             let message = "The provided authorization grant is invalid, expired, or revoked";
-            return Err(errors(
-                StatusCode::UNAUTHORIZED,
-                vec![entry(message, None, None)],
-            ));
+            return Err(errors(StatusCode::UNAUTHORIZED, vec![entry(message, None, None)]));
         }
         Some(_) => {}
     }
     let Some(mail @ Value::Object(_)) = req.json() else {
-        return Err(errors(
-            StatusCode::BAD_REQUEST,
-            vec![entry("Bad Request", None, None)],
-        ));
+        return Err(errors(StatusCode::BAD_REQUEST, vec![entry("Bad Request", None, None)]));
     };
     let problems = validate(&mail);
     if !problems.is_empty() {
@@ -89,26 +73,15 @@ fn check(sb: &Shared, req: &Incoming) -> Verdict {
     if mail.pointer("/mail_settings/sandbox_mode/enable") == Some(&Value::Bool(true)) {
         return Ok(StatusCode::OK.into_response());
     }
-    let id =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
-    Ok(with_header(
-        StatusCode::ACCEPTED.into_response(),
-        "x-message-id",
-        id,
-    ))
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+    Ok(with_header(StatusCode::ACCEPTED.into_response(), "x-message-id", id))
 }
 
 /// Every problem with the mail, in SendGrid's wording.
 fn validate(mail: &Value) -> Vec<Value> {
     let mut problems = Vec::new();
-    let templated = mail
-        .get("template_id")
-        .and_then(Value::as_str)
-        .is_some_and(|t| !t.is_empty());
-    let personalizations = mail
-        .get("personalizations")
-        .and_then(Value::as_array)
-        .filter(|p| !p.is_empty());
+    let templated = mail.get("template_id").and_then(Value::as_str).is_some_and(|t| !t.is_empty());
+    let personalizations = mail.get("personalizations").and_then(Value::as_array).filter(|p| !p.is_empty());
     match personalizations {
         None => problems.push(entry(
             "The personalizations field is required and must have at least one personalization.",
@@ -139,13 +112,8 @@ fn validate(mail: &Value) -> Vec<Value> {
             Some("message.from"),
         )),
     }
-    let has_subject = |v: &Value| {
-        v.get("subject")
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
-    };
-    let every_personalization_has_one =
-        personalizations.is_some_and(|list| list.iter().all(has_subject));
+    let has_subject = |v: &Value| v.get("subject").and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    let every_personalization_has_one = personalizations.is_some_and(|list| list.iter().all(has_subject));
     if !templated && !has_subject(mail) && !every_personalization_has_one {
         problems.push(entry(
             "The subject is required. You can get around this requirement if you use a template with a subject defined or if every personalization has a subject defined.",
@@ -179,10 +147,7 @@ fn validate(mail: &Value) -> Vec<Value> {
 
 /// `to` (required), `cc`, `bcc` of personalization `i`: valid addresses, each only once.
 fn recipients(i: usize, personalization: &Value, problems: &mut Vec<Value>) {
-    let to = personalization
-        .get("to")
-        .and_then(Value::as_array)
-        .filter(|t| !t.is_empty());
+    let to = personalization.get("to").and_then(Value::as_array).filter(|t| !t.is_empty());
     if to.is_none() {
         problems.push(entry(
             "The to array is required for all personalization objects, and must have at least one email object with a valid email address.",
@@ -219,10 +184,7 @@ mod tests {
     use super::*;
 
     fn fields(mail: Value) -> Vec<String> {
-        validate(&mail)
-            .iter()
-            .map(|e| e["field"].as_str().unwrap_or("null").to_string())
-            .collect()
+        validate(&mail).iter().map(|e| e["field"].as_str().unwrap_or("null").to_string()).collect()
     }
 
     #[test]
@@ -237,17 +199,9 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_field() {
-        let mail = json!({ "personalizations": [{ "to": [{ "email": "nope" }], "cc": [{ "email": "b@example.com" }, { "email": "B@example.com" }] }] });
-        assert_eq!(
-            fields(mail),
-            [
-                "personalizations.0.to.0.email",
-                "personalizations.0.cc",
-                "from",
-                "subject",
-                "content"
-            ]
-        );
+        let mail =
+            json!({ "personalizations": [{ "to": [{ "email": "nope" }], "cc": [{ "email": "b@example.com" }, { "email": "B@example.com" }] }] });
+        assert_eq!(fields(mail), ["personalizations.0.to.0.email", "personalizations.0.cc", "from", "subject", "content"]);
     }
 
     #[test]

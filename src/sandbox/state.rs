@@ -29,16 +29,8 @@ pub struct SandboxState {
 impl SandboxState {
     /// Canonical forms, so lookups ignore case where the provider does.
     pub(crate) fn normalized(mut self) -> Self {
-        self.apns_unregistered = self
-            .apns_unregistered
-            .iter()
-            .map(|t| t.to_ascii_lowercase())
-            .collect();
-        self.mandrill_bounce = self
-            .mandrill_bounce
-            .iter()
-            .map(|e| e.to_ascii_lowercase())
-            .collect();
+        self.apns_unregistered = self.apns_unregistered.iter().map(|t| t.to_ascii_lowercase()).collect();
+        self.mandrill_bounce = self.mandrill_bounce.iter().map(|e| e.to_ascii_lowercase()).collect();
         self
     }
 }

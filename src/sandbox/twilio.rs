@@ -42,7 +42,11 @@ pub(super) fn fault(name: &str) -> Option<Response> {
         "20003" => (StatusCode::UNAUTHORIZED, 20003, "Authenticate"),
         "21211" => (StatusCode::BAD_REQUEST, 21211, "The 'To' number is not a valid phone number."),
         "21408" => (StatusCode::BAD_REQUEST, 21408, "Permission to send an SMS has not been enabled for the region indicated by the 'To' number."),
-        "21606" => (StatusCode::BAD_REQUEST, 21606, "The 'From' phone number provided is not a valid message-capable Twilio phone number for this destination/account."),
+        "21606" => (
+            StatusCode::BAD_REQUEST,
+            21606,
+            "The 'From' phone number provided is not a valid message-capable Twilio phone number for this destination/account.",
+        ),
         "21610" => (StatusCode::BAD_REQUEST, 21610, "Attempt to send to unsubscribed recipient"),
         "21614" => (StatusCode::BAD_REQUEST, 21614, "'To' number is not a valid mobile number"),
         "21617" => (StatusCode::BAD_REQUEST, 21617, "The concatenated message body exceeds the 1600 character limit."),
@@ -51,11 +55,7 @@ pub(super) fn fault(name: &str) -> Option<Response> {
     Some(error(status, code, message))
 }
 
-pub(super) async fn send(
-    State(sb): State<Shared>,
-    Path(account): Path<String>,
-    req: Incoming,
-) -> Response {
+pub(super) async fn send(State(sb): State<Shared>, Path(account): Path<String>, req: Incoming) -> Response {
     let verdict = check(&sb, &account, &req);
     sb.answer(Provider::Twilio, &req, verdict).await
 }
@@ -65,11 +65,7 @@ fn check(sb: &Shared, account: &str, req: &Incoming) -> Verdict {
     match req.basic() {
         None => return Err(error(StatusCode::UNAUTHORIZED, 20003, "Authenticate")),
         Some((sid, token)) if sid != cfg.account_sid || token != cfg.auth_token.expose() => {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                20003,
-                "Authentication Error - invalid username",
-            ));
+            return Err(error(StatusCode::UNAUTHORIZED, 20003, "Authentication Error - invalid username"));
         }
         Some(_) => {}
     }
@@ -84,36 +80,22 @@ fn check(sb: &Shared, account: &str, req: &Incoming) -> Verdict {
 
 /// Field checks in Twilio's order; returns the Message resource to create.
 fn validate(sb: &Shared, form: &Form) -> Result<serde_json::Value, Response> {
-    let to = form
-        .get("To")
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| invalid(21604, "A 'To' phone number is required."))?;
+    let to = form.get("To").filter(|t| !t.is_empty()).ok_or_else(|| invalid(21604, "A 'To' phone number is required."))?;
     let address = to.strip_prefix("whatsapp:").unwrap_or(to);
     if !is_e164(address) {
-        return Err(invalid(
-            21211,
-            &format!("The 'To' number {to} is not a valid phone number."),
-        ));
+        return Err(invalid(21211, &format!("The 'To' number {to} is not a valid phone number.")));
     }
     let from = form.get("From").filter(|f| !f.is_empty());
     let service = form.get("MessagingServiceSid").filter(|s| !s.is_empty());
     match (from, service) {
         (None, None) => return Err(invalid(21603, "A 'From' phone number is required.")),
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                21603,
-                "Specify either 'From' or 'MessagingServiceSid', not both.",
-            ))
-        }
+        (Some(_), Some(_)) => return Err(invalid(21603, "Specify either 'From' or 'MessagingServiceSid', not both.")),
         (Some(f), None) if !is_sender(f) => {
             let message = format!("The 'From' number {f} is not a valid phone number, shortcode, or alphanumeric sender ID.");
             return Err(invalid(21212, &message));
         }
         (None, Some(s)) if !is_sid(s, "MG") => {
-            return Err(invalid(
-                21701,
-                &format!("The Messaging Service Sid {s} is invalid."),
-            ));
+            return Err(invalid(21701, &format!("The Messaging Service Sid {s} is invalid.")));
         }
         _ => {}
     }
@@ -123,64 +105,31 @@ fn validate(sb: &Shared, form: &Form) -> Result<serde_json::Value, Response> {
         return Err(invalid(21602, "Message body is required."));
     }
     if body.chars().count() > MAX_BODY_CHARS {
-        return Err(invalid(
-            21617,
-            "The concatenated message body exceeds the 1600 character limit.",
-        ));
+        return Err(invalid(21617, "The concatenated message body exceeds the 1600 character limit."));
     }
     if media.len() > MAX_MEDIA {
-        return Err(invalid(
-            21623,
-            "Number of media files exceeds allowed limit of 10.",
-        ));
+        return Err(invalid(21623, "Number of media files exceeds allowed limit of 10."));
     }
     if let Some(cb) = form.get("StatusCallback") {
         let ok = url::Url::parse(cb).is_ok_and(|u| u.host_str().is_some_and(|h| !h.contains('_')));
         if !ok {
-            return Err(invalid(
-                21609,
-                &format!("The StatusCallback URL {cb} is not a valid URL."),
-            ));
+            return Err(invalid(21609, &format!("The StatusCallback URL {cb} is not a valid URL.")));
         }
     }
-    let (landline, unsubscribed) = sb.sets(|s, _| {
-        (
-            s.twilio_landline.contains(address),
-            s.twilio_unsubscribed.contains(address),
-        )
-    });
+    let (landline, unsubscribed) = sb.sets(|s, _| (s.twilio_landline.contains(address), s.twilio_unsubscribed.contains(address)));
     if landline {
-        return Err(invalid(
-            21614,
-            &format!("'To' number {to} is not a valid mobile number"),
-        ));
+        return Err(invalid(21614, &format!("'To' number {to} is not a valid mobile number")));
     }
     if unsubscribed {
         return Err(invalid(21610, "Attempt to send to unsubscribed recipient"));
     }
-    Ok(message_resource(
-        &sb.config.twilio.account_sid,
-        to,
-        from,
-        service,
-        body,
-        media.len(),
-    ))
+    Ok(message_resource(&sb.config.twilio.account_sid, to, from, service, body, media.len()))
 }
 
 /// The Message resource as Twilio returns it on create (counts are strings, dates RFC 2822).
-fn message_resource(
-    account: &str,
-    to: &str,
-    from: Option<&str>,
-    service: Option<&str>,
-    body: &str,
-    media: usize,
-) -> serde_json::Value {
+fn message_resource(account: &str, to: &str, from: Option<&str>, service: Option<&str>, body: &str, media: usize) -> serde_json::Value {
     let sid = format!("SM{}", random_hex(16));
-    let now = chrono::Utc::now()
-        .format("%a, %d %b %Y %H:%M:%S %z")
-        .to_string();
+    let now = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S %z").to_string();
     let uri = format!("/2010-04-01/Accounts/{account}/Messages/{sid}");
     json!({
         "account_sid": account,
@@ -213,16 +162,13 @@ fn is_sender(from: &str) -> bool {
     is_e164(address)
         || ((5..=6).contains(&address.len()) && address.bytes().all(|b| b.is_ascii_digit()))
         || ((1..=11).contains(&address.len())
-            && address
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b' ')
+            && address.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ')
             && address.bytes().any(|b| b.is_ascii_alphabetic()))
 }
 
 /// `<prefix>` + 32 hex digits.
 fn is_sid(sid: &str, prefix: &str) -> bool {
-    sid.strip_prefix(prefix)
-        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    sid.strip_prefix(prefix).is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -241,20 +187,10 @@ mod tests {
 
     #[test]
     fn the_message_resource_has_a_sid_and_string_counts() {
-        let m = message_resource(
-            "AC1",
-            "+14155550100",
-            Some("+14155550101"),
-            None,
-            &"x".repeat(200),
-            0,
-        );
+        let m = message_resource("AC1", "+14155550100", Some("+14155550101"), None, &"x".repeat(200), 0);
         let sid = m["sid"].as_str().unwrap();
         assert!(is_sid(sid, "SM"), "{sid}");
-        assert_eq!(
-            (m["status"].as_str(), m["num_segments"].as_str()),
-            (Some("queued"), Some("2"))
-        );
+        assert_eq!((m["status"].as_str(), m["num_segments"].as_str()), (Some("queued"), Some("2")));
         assert!(m["date_created"].as_str().unwrap().ends_with("+0000"));
     }
 }

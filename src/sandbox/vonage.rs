@@ -38,10 +38,7 @@ const STATUSES: [(&str, &str); 18] = [
 
 /// One failed entry, HTTP 200.
 fn failure(status: &str, text: &str) -> Response {
-    json(
-        StatusCode::OK,
-        json!({ "message-count": "1", "messages": [{ "status": status, "error-text": text }] }),
-    )
+    json(StatusCode::OK, json!({ "message-count": "1", "messages": [{ "status": status, "error-text": text }] }))
 }
 
 /// The answer for a fault named by a status (`"1"` Throttled …) or an HTTP error (`500`,
@@ -54,14 +51,7 @@ pub(super) fn fault(name: &str) -> Option<Response> {
         "500" | "502" | "503" => StatusCode::from_u16(name.parse().ok()?).ok()?,
         _ => return None,
     };
-    Some(
-        (
-            status,
-            [("content-type", "text/html")],
-            format!("<html><body><h1>{status}</h1></body></html>"),
-        )
-            .into_response(),
-    )
+    Some((status, [("content-type", "text/html")], format!("<html><body><h1>{status}</h1></body></html>")).into_response())
 }
 
 pub(super) async fn send(State(sb): State<Shared>, req: Incoming) -> Response {
@@ -91,48 +81,30 @@ fn params(req: &Incoming) -> Form {
 fn check(sb: &Shared, req: &Incoming) -> Verdict {
     let p = params(req);
     let basic = req.basic();
-    let key = p
-        .get("api_key")
-        .map(str::to_string)
-        .or_else(|| basic.as_ref().map(|(k, _)| k.clone()));
-    let secret = p
-        .get("api_secret")
-        .map(str::to_string)
-        .or_else(|| basic.as_ref().map(|(_, s)| s.clone()));
+    let key = p.get("api_key").map(str::to_string).or_else(|| basic.as_ref().map(|(k, _)| k.clone()));
+    let secret = p.get("api_secret").map(str::to_string).or_else(|| basic.as_ref().map(|(_, s)| s.clone()));
     let cfg = &sb.config.vonage;
     match (key, secret) {
         (None, _) => return Err(failure("2", "Missing api_key")),
         (_, None) => return Err(failure("2", "Missing api_secret")),
-        (Some(k), Some(s)) if k != cfg.api_key || s != cfg.api_secret.expose() => {
-            return Err(failure("4", "Bad Credentials"))
-        }
+        (Some(k), Some(s)) if k != cfg.api_key || s != cfg.api_secret.expose() => return Err(failure("4", "Bad Credentials")),
         _ => {}
     }
     let missing = |name: &str| failure("2", &format!("Missing {name} param"));
     let bad = |name: &str| failure("3", &format!("Invalid {name} param"));
-    let from = p
-        .get("from")
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| missing("from"))?;
-    let to = p
-        .get("to")
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| missing("to"))?;
+    let from = p.get("from").filter(|f| !f.is_empty()).ok_or_else(|| missing("from"))?;
+    let to = p.get("to").filter(|t| !t.is_empty()).ok_or_else(|| missing("to"))?;
     if !((7..=15).contains(&to.len()) && to.bytes().all(|b| b.is_ascii_digit())) {
         return Err(bad("to"));
     }
-    let alphanumeric_sender =
-        (1..=11).contains(&from.len()) && from.bytes().all(|b| b.is_ascii_alphanumeric());
+    let alphanumeric_sender = (1..=11).contains(&from.len()) && from.bytes().all(|b| b.is_ascii_alphanumeric());
     let numeric_sender = (1..=15).contains(&from.len()) && from.bytes().all(|b| b.is_ascii_digit());
     if !(alphanumeric_sender || numeric_sender) {
         return Err(failure("15", "Invalid sender address"));
     }
     let kind = p.get("type").unwrap_or("text");
     let text = match kind {
-        "text" | "unicode" => p
-            .get("text")
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| missing("text"))?,
+        "text" | "unicode" => p.get("text").filter(|t| !t.is_empty()).ok_or_else(|| missing("text"))?,
         "binary" => {
             p.get("udh").ok_or_else(|| missing("udh"))?;
             p.get("body").ok_or_else(|| missing("body"))?
@@ -140,10 +112,7 @@ fn check(sb: &Shared, req: &Incoming) -> Verdict {
         _ => return Err(bad("type")),
     };
     if let Some(ttl) = p.get("ttl") {
-        if !ttl
-            .parse::<u64>()
-            .is_ok_and(|t| (20_000..=604_800_000).contains(&t))
-        {
+        if !ttl.parse::<u64>().is_ok_and(|t| (20_000..=604_800_000).contains(&t)) {
             return Err(bad("ttl"));
         }
     }
@@ -154,11 +123,7 @@ fn check(sb: &Shared, req: &Incoming) -> Verdict {
     if sb.sets(|s, _| s.vonage_barred.contains(to)) {
         return Err(failure("7", "Number barred"));
     }
-    let parts = if kind == "binary" {
-        1
-    } else {
-        sms_parts(text, kind == "unicode")
-    };
+    let parts = if kind == "binary" { 1 } else { sms_parts(text, kind == "unicode") };
     let mut balance = sb.vonage_balance.lock().unwrap();
     let messages: Vec<Value> = (0..parts)
         .map(|_| {
@@ -177,8 +142,5 @@ fn check(sb: &Shared, req: &Incoming) -> Verdict {
             m
         })
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        json!({ "message-count": parts.to_string(), "messages": messages }),
-    ))
+    Ok(json(StatusCode::OK, json!({ "message-count": parts.to_string(), "messages": messages })))
 }

@@ -22,56 +22,16 @@ pub struct Migration {
 
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "001_contacts_templates",
-        cql: include_str!("../../cql/001_contacts_templates.cql"),
-    },
-    Migration {
-        version: 2,
-        name: "002_dedup_log",
-        cql: include_str!("../../cql/002_dedup_log.cql"),
-    },
-    Migration {
-        version: 3,
-        name: "003_throttle",
-        cql: include_str!("../../cql/003_throttle.cql"),
-    },
-    Migration {
-        version: 4,
-        name: "004_dispatch",
-        cql: include_str!("../../cql/004_dispatch.cql"),
-    },
-    Migration {
-        version: 5,
-        name: "005_api",
-        cql: include_str!("../../cql/005_api.cql"),
-    },
-    Migration {
-        version: 6,
-        name: "006_log_source",
-        cql: include_str!("../../cql/006_log_source.cql"),
-    },
-    Migration {
-        version: 7,
-        name: "007_throttle_by_user",
-        cql: include_str!("../../cql/007_throttle_by_user.cql"),
-    },
-    Migration {
-        version: 8,
-        name: "008_api_signatures",
-        cql: include_str!("../../cql/008_api_signatures.cql"),
-    },
-    Migration {
-        version: 9,
-        name: "009_dispatch_commit",
-        cql: include_str!("../../cql/009_dispatch_commit.cql"),
-    },
-    Migration {
-        version: 10,
-        name: "010_webhook_events",
-        cql: include_str!("../../cql/010_webhook_events.cql"),
-    },
+    Migration { version: 1, name: "001_contacts_templates", cql: include_str!("../../cql/001_contacts_templates.cql") },
+    Migration { version: 2, name: "002_dedup_log", cql: include_str!("../../cql/002_dedup_log.cql") },
+    Migration { version: 3, name: "003_throttle", cql: include_str!("../../cql/003_throttle.cql") },
+    Migration { version: 4, name: "004_dispatch", cql: include_str!("../../cql/004_dispatch.cql") },
+    Migration { version: 5, name: "005_api", cql: include_str!("../../cql/005_api.cql") },
+    Migration { version: 6, name: "006_log_source", cql: include_str!("../../cql/006_log_source.cql") },
+    Migration { version: 7, name: "007_throttle_by_user", cql: include_str!("../../cql/007_throttle_by_user.cql") },
+    Migration { version: 8, name: "008_api_signatures", cql: include_str!("../../cql/008_api_signatures.cql") },
+    Migration { version: 9, name: "009_dispatch_commit", cql: include_str!("../../cql/009_dispatch_commit.cql") },
+    Migration { version: 10, name: "010_webhook_events", cql: include_str!("../../cql/010_webhook_events.cql") },
 ];
 
 impl Migration {
@@ -90,11 +50,7 @@ impl Migration {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        without_comments
-            .split(';')
-            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-            .filter(|s| !s.is_empty())
-            .collect()
+        without_comments.split(';').map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|s| !s.is_empty()).collect()
     }
 }
 
@@ -112,10 +68,7 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<MigrateReport, StoreError> {
     let ks = &cfg.keyspace;
     let mut report = MigrateReport::default();
     let exists = session
-        .query_unpaged(
-            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
-            (ks,),
-        )
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?", (ks,))
         .await
         .map_err(|e| query_err("read keyspaces", e))?
         .into_rows_result()
@@ -126,15 +79,8 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<MigrateReport, StoreError> {
         ddl(&session, &format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {}", cfg.replication)).await?;
         report.keyspace_created = true;
     }
-    session
-        .use_keyspace(ks, false)
-        .await
-        .map_err(|e| query_err("use keyspace", e))?;
-    ddl(
-        &session,
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
-    )
-    .await?;
+    session.use_keyspace(ks, false).await.map_err(|e| query_err("use keyspace", e))?;
+    ddl(&session, "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text, checksum text, applied_at timestamp)").await?;
     let applied: Vec<(i32, String, String)> = session
         .query_unpaged("SELECT version, name, checksum FROM schema_migrations", ())
         .await
@@ -148,12 +94,7 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<MigrateReport, StoreError> {
     for m in MIGRATIONS {
         if let Some((_, _, sum)) = applied.iter().find(|(v, _, _)| *v == m.version) {
             if *sum != m.checksum() {
-                return Err(StoreError::MigrationEdited {
-                    version: m.version,
-                    name: m.name.into(),
-                    applied: sum.clone(),
-                    now: m.checksum(),
-                });
+                return Err(StoreError::MigrationEdited { version: m.version, name: m.name.into(), applied: sum.clone(), now: m.checksum() });
             }
             report.already.push(m.name.to_string());
             continue;
@@ -186,10 +127,7 @@ async fn ddl(session: &Session, cql: &str) -> Result<(), StoreError> {
         }
         err
     })?;
-    session
-        .await_schema_agreement()
-        .await
-        .map_err(|e| query_err("schema agreement", e))?;
+    session.await_schema_agreement().await.map_err(|e| query_err("schema agreement", e))?;
     Ok(())
 }
 
@@ -200,10 +138,8 @@ mod tests {
     #[test]
     fn migrations_match_the_cql_directory_in_order() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cql");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".cql").to_string())
-            .collect();
+        let mut files: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".cql").to_string()).collect();
         files.sort();
         let listed: Vec<String> = MIGRATIONS.iter().map(|m| m.name.to_string()).collect();
         assert_eq!(files, listed, "cql/ and store::migrate::MIGRATIONS disagree");

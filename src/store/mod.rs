@@ -23,25 +23,14 @@ use crate::error::Classify;
 /// Errors at the CQL boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("CQL store at {nodes} is not reachable within {timeout:?}: {detail}. Is it running (scripts/stack status) and is store.contact_points right?")]
-    Unreachable {
-        nodes: String,
-        timeout: Duration,
-        detail: String,
-    },
+    #[error(
+        "CQL store at {nodes} is not reachable within {timeout:?}: {detail}. Is it running (scripts/stack status) and is store.contact_points right?"
+    )]
+    Unreachable { nodes: String, timeout: Duration, detail: String },
     #[error("CQL {op} failed: {detail}")]
-    Query {
-        op: &'static str,
-        detail: String,
-        retryable: bool,
-    },
+    Query { op: &'static str, detail: String, retryable: bool },
     #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} != {now}); add a new migration instead")]
-    MigrationEdited {
-        version: i32,
-        name: String,
-        applied: String,
-        now: String,
-    },
+    MigrationEdited { version: i32, name: String, applied: String, now: String },
     #[error("keyspace '{0}' has no migrations applied; run `herald db migrate`")]
     NotMigrated(String),
 }
@@ -94,7 +83,14 @@ fn attempt_retryable(e: &scylla::errors::RequestAttemptError) -> bool {
         A::SerializationError(_) | A::CqlRequestSerialization(_) => false,
         A::DbError(db, _) => !matches!(
             db,
-            D::SyntaxError | D::Invalid | D::AlreadyExists { .. } | D::FunctionFailure { .. } | D::AuthenticationError | D::Unauthorized | D::ConfigError | D::ProtocolError
+            D::SyntaxError
+                | D::Invalid
+                | D::AlreadyExists { .. }
+                | D::FunctionFailure { .. }
+                | D::AuthenticationError
+                | D::Unauthorized
+                | D::ConfigError
+                | D::ProtocolError
         ),
         _ => true,
     }
@@ -108,21 +104,15 @@ pub async fn connect(cfg: &StoreConfig, keyspace: Option<&str>) -> Result<Sessio
         .consistency(Consistency::LocalQuorum)
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
         .build();
-    let mut b = SessionBuilder::new()
-        .known_nodes(&cfg.contact_points)
-        .connection_timeout(timeout)
-        .default_execution_profile_handle(profile.into_handle());
+    let mut b =
+        SessionBuilder::new().known_nodes(&cfg.contact_points).connection_timeout(timeout).default_execution_profile_handle(profile.into_handle());
     if let Some(user) = &cfg.username {
         b = b.user(user, cfg.password.expose());
     }
     if let Some(ks) = keyspace {
         b = b.use_keyspace(ks, false);
     }
-    let unreachable = |detail: String| StoreError::Unreachable {
-        nodes: cfg.contact_points.join(","),
-        timeout,
-        detail,
-    };
+    let unreachable = |detail: String| StoreError::Unreachable { nodes: cfg.contact_points.join(","), timeout, detail };
     // The driver retries internally; bound the whole attempt so a wrong port fails in seconds.
     match tokio::time::timeout(timeout + Duration::from_secs(1), b.build()).await {
         Ok(Ok(s)) => Ok(s),
@@ -446,10 +436,7 @@ impl Store {
     /// Prepares every statement with keyspace-qualified table names (no `USE`, which
     /// Cassandra flags as ambiguous for prepared statements).
     async fn prepare(session: Arc<Session>, ks: &str) -> Result<Store, StoreError> {
-        let qualify = |q: &str| {
-            q.replacen("INSERT INTO ", &format!("INSERT INTO {ks}."), 1)
-                .replacen(" FROM ", &format!(" FROM {ks}."), 1)
-        };
+        let qualify = |q: &str| q.replacen("INSERT INTO ", &format!("INSERT INTO {ks}."), 1).replacen(" FROM ", &format!(" FROM {ks}."), 1);
         let p = |q: &str| {
             let session = session.clone();
             let q = qualify(q);
@@ -521,10 +508,7 @@ impl Store {
         batch.append_statement(self.put_device.clone());
         batch.append_statement(self.put_token_owner.clone());
         batch.set_is_idempotent(true);
-        self.session
-            .batch(&batch, (d, (&d.token, &d.user_id, &d.device_id)))
-            .await
-            .map_err(|e| query_err("put device", e))?;
+        self.session.batch(&batch, (d, (&d.token, &d.user_id, &d.device_id))).await.map_err(|e| query_err("put device", e))?;
         Ok(())
     }
 
@@ -600,14 +584,7 @@ impl Store {
 
     /// Claims `event_id` for the record at (topic, partition, offset). Returns the owner:
     /// the given record if the claim is new, otherwise whoever claimed it first.
-    pub async fn claim_event(
-        &self,
-        event_id: &str,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        ttl: Duration,
-    ) -> Result<DedupClaim, StoreError> {
+    pub async fn claim_event(&self, event_id: &str, topic: &str, partition: i32, offset: i64, ttl: Duration) -> Result<DedupClaim, StoreError> {
         let ttl = ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
         let r = self
             .session
@@ -627,9 +604,7 @@ impl Store {
         if applied {
             return Ok(DedupClaim { source_topic: topic.into(), partition, offset });
         }
-        self.claim(event_id)
-            .await?
-            .ok_or_else(|| query_err("claim event", "claim expired between write and read"))
+        self.claim(event_id).await?.ok_or_else(|| query_err("claim event", "claim expired between write and read"))
     }
 
     /// Claims many event ids at once with [`Store::claim_event`] (one lightweight
@@ -648,15 +623,9 @@ impl Store {
     /// (`router.dedup_mode` `keyed` or `single_writer`; see [`Store::put_claims`]).
     pub async fn claims(&self, event_ids: &[&str]) -> Result<HashMap<String, DedupClaim>, StoreError> {
         let chunks: Vec<&[&str]> = event_ids.chunks(IN_CHUNK).collect();
-        let found = bounded(&chunks, |ids| async move {
-            self.rows::<(String, String, i32, i64), _>(&self.get_claims, (ids,), "get claims").await
-        })
-        .await?;
-        Ok(found
-            .into_iter()
-            .flatten()
-            .map(|(id, source_topic, partition, offset)| (id, DedupClaim { source_topic, partition, offset }))
-            .collect())
+        let found =
+            bounded(&chunks, |ids| async move { self.rows::<(String, String, i32, i64), _>(&self.get_claims, (ids,), "get claims").await }).await?;
+        Ok(found.into_iter().flatten().map(|(id, source_topic, partition, offset)| (id, DedupClaim { source_topic, partition, offset })).collect())
     }
 
     /// Writes claims without a lightweight transaction (the write half of
@@ -685,7 +654,12 @@ impl Store {
     /// commit-log entry) instead of one per table. Batches hold whole events, up to
     /// [`WRITE_CHUNK`] rows, [`IN_FLIGHT`] at a time; every write is an idempotent upsert.
     /// Each outcome comes with the request's `source` (who asked), when known.
-    pub async fn record_events(&self, claims: &[(&str, DedupClaim)], claim_ttl: Duration, outcomes: &[(crate::model::DeliveryOutcome, Option<String>)]) -> Result<(), StoreError> {
+    pub async fn record_events(
+        &self,
+        claims: &[(&str, DedupClaim)],
+        claim_ttl: Duration,
+        outcomes: &[(crate::model::DeliveryOutcome, Option<String>)],
+    ) -> Result<(), StoreError> {
         let ttl = claim_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
         let mut by_event: std::collections::BTreeMap<&str, Vec<Row<'_>>> = Default::default();
         for (id, c) in claims {
@@ -700,7 +674,12 @@ impl Store {
     /// Writes many rows with one statement: unlogged batches of [`WRITE_CHUNK`] rows (one
     /// request each instead of one per row), [`IN_FLIGHT`] at a time. Every write here is an
     /// idempotent upsert, so a batch failing half-way is simply written again.
-    async fn write_rows<V: scylla::serialize::row::SerializeRow + Sync>(&self, st: &PreparedStatement, rows: Vec<V>, op: &'static str) -> Result<(), StoreError> {
+    async fn write_rows<V: scylla::serialize::row::SerializeRow + Sync>(
+        &self,
+        st: &PreparedStatement,
+        rows: Vec<V>,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
         if let [one] = rows.as_slice() {
             self.session.execute_unpaged(st, one).await.map_err(|e| query_err(op, e))?;
             return Ok(());
@@ -721,10 +700,7 @@ impl Store {
 
     /// Appends an outcome to the notification log.
     pub async fn log_outcome(&self, o: &crate::model::DeliveryOutcome) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.put_log, log_values(o, None))
-            .await
-            .map_err(|e| query_err("log outcome", e))?;
+        self.session.execute_unpaged(&self.put_log, log_values(o, None)).await.map_err(|e| query_err("log outcome", e))?;
         Ok(())
     }
 
@@ -764,7 +740,19 @@ impl Store {
 
     /// The sent-log rows of `delivery_ids` (absent ids have none).
     pub async fn sent_log(&self, delivery_ids: &[&str]) -> Result<Vec<SentRecord>, StoreError> {
-        type SentRow = (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i32>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>, Option<String>);
+        type SentRow = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i32>,
+            Option<i64>,
+            Option<chrono::DateTime<chrono::Utc>>,
+            Option<String>,
+        );
         let chunks: Vec<&[&str]> = delivery_ids.chunks(IN_CHUNK).collect();
         let found = bounded(&chunks, |ids| async move { self.rows::<SentRow, _>(&self.sent_in, (ids,), "sent-log").await }).await?;
         Ok(found
@@ -799,8 +787,7 @@ impl Store {
 
     /// Whether a user's email and phone still work.
     pub async fn contact_health(&self, user_id: &str) -> Result<ContactHealth, StoreError> {
-        Ok(self.first_row::<ContactHealth, _>(&self.contact_health, (user_id,), "contact health").await?
-            .unwrap_or_default())
+        Ok(self.first_row::<ContactHealth, _>(&self.contact_health, (user_id,), "contact health").await?.unwrap_or_default())
     }
 
     /// The throttle hits of `users` in one category, every channel: (user, channel) → (event
@@ -808,7 +795,8 @@ impl Store {
     pub async fn throttle_hits(&self, category: &str, users: &[&str]) -> Result<HashMap<(String, String), Vec<ThrottleHit>>, StoreError> {
         let chunks: Vec<&[&str]> = users.chunks(IN_CHUNK).collect();
         let found = bounded(&chunks, |ids| async move {
-            self.rows::<(String, String, String, chrono::DateTime<chrono::Utc>), _>(&self.throttle_hits_of_users, (ids, category), "throttle hits").await
+            self.rows::<(String, String, String, chrono::DateTime<chrono::Utc>), _>(&self.throttle_hits_of_users, (ids, category), "throttle hits")
+                .await
         })
         .await?;
         let mut by_user: HashMap<(String, String), Vec<ThrottleHit>> = HashMap::new();
@@ -877,10 +865,7 @@ impl Store {
         V: scylla::serialize::row::SerializeRow,
     {
         let r = self.session.execute_unpaged(st, values).await.map_err(|e| query_err(op, e))?;
-        r.into_rows_result()
-            .map_err(|e| query_err(op, e))?
-            .maybe_first_row::<R>()
-            .map_err(|e| query_err(op, e))
+        r.into_rows_result().map_err(|e| query_err(op, e))?.maybe_first_row::<R>().map_err(|e| query_err(op, e))
     }
 
     async fn rows<R, V>(&self, st: &PreparedStatement, values: V, op: &'static str) -> Result<Vec<R>, StoreError>
@@ -890,9 +875,6 @@ impl Store {
     {
         let r = self.session.execute_unpaged(st, values).await.map_err(|e| query_err(op, e))?;
         let rows = r.into_rows_result().map_err(|e| query_err(op, e))?;
-        rows.rows::<R>()
-            .map_err(|e| query_err(op, e))?
-            .collect::<Result<Vec<R>, _>>()
-            .map_err(|e| query_err(op, e))
+        rows.rows::<R>().map_err(|e| query_err(op, e))?.collect::<Result<Vec<R>, _>>().map_err(|e| query_err(op, e))
     }
 }

@@ -70,10 +70,8 @@ impl Env {
         let topo_path = dir.path().join("topics.toml");
         std::fs::write(&topo_path, &topo_text).unwrap();
         let config_path = dir.path().join("herald.toml");
-        let toml = format!(
-            "[kafka]\ngroup_prefix = \"{id}\"\n[store]\nkeyspace = \"{id}\"\n[topology]\nfile = \"{}\"\n{extra_toml}\n",
-            topo_path.display()
-        );
+        let toml =
+            format!("[kafka]\ngroup_prefix = \"{id}\"\n[store]\nkeyspace = \"{id}\"\n[topology]\nfile = \"{}\"\n{extra_toml}\n", topo_path.display());
         std::fs::write(&config_path, toml).unwrap();
         let config = Config::load(Some(&config_path)).expect("env config");
         let topology = Topology::load(Some(&topo_path)).unwrap();
@@ -84,17 +82,8 @@ impl Env {
         herald::demo::seed_templates(&store).await.unwrap();
         let codec = Arc::new(Codec::new(&config.registry).unwrap());
         let producer = herald::kafka::producer(&config.kafka, "test").unwrap();
-        let env = Env {
-            dir,
-            config_path,
-            config,
-            topology,
-            store,
-            codec,
-            producer,
-            seen: Arc::new(Mutex::new(Vec::new())),
-            roles: Mutex::new(Vec::new()),
-        };
+        let env =
+            Env { dir, config_path, config, topology, store, codec, producer, seen: Arc::new(Mutex::new(Vec::new())), roles: Mutex::new(Vec::new()) };
         if collect {
             env.collect().await;
         }
@@ -118,11 +107,7 @@ impl Env {
     /// Like [`Env::spawn`], with extra environment variables (e.g. a second replica's
     /// `HERALD__ROUTER__INSTANCE_ID`).
     pub fn spawn_env(&self, name: &str, args: &[&str], vars: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap();
         // Benches compare builds with HERALD_BENCH_BIN (another `herald` binary); tests never set it.
         let bin = std::env::var_os("HERALD_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_herald").into());
         let child = Command::new(bin)
@@ -242,7 +227,10 @@ impl Env {
             }
             if Instant::now() > deadline {
                 let statuses: Vec<_> = got.iter().map(|o| (o.status.clone(), o.channel.clone(), o.reason.clone())).collect();
-                panic!("event {event_id}: condition not met within {within:?}; outcomes so far: {statuses:?}\nrouter log tail:\n{}", tail(&self.log("router"), 30));
+                panic!(
+                    "event {event_id}: condition not met within {within:?}; outcomes so far: {statuses:?}\nrouter log tail:\n{}",
+                    tail(&self.log("router"), 30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -312,7 +300,9 @@ impl Env {
                         payload: m.payload().map(<[u8]>::to_vec),
                         headers: m
                             .headers()
-                            .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                            .map(|h| {
+                                h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
+                            })
                             .unwrap_or_default(),
                     },
                 };
